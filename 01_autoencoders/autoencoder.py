@@ -9,12 +9,12 @@ The idea: an encoder f maps a 784-pixel image x to a code z of 20 numbers, a dec
 code back, and both are trained so that g(f(x)) is close to x. The bottleneck forces the code
 to keep what matters about the digit and drop the rest. With no nonlinearities (--linear) and
 squared error, the best the network can do is project onto the top 20 principal components
-(README Eq. 3), and the script measures how close it gets. An autoencoder is not a generative
+(README Eq. 1.3), and the script measures how close it gets. An autoencoder is not a generative
 model: nothing says which codes are valid. To sample anyway, we fit a Gaussian to the training
-codes and decode draws from it (README Eq. 5), the gap the VAE closes.
+codes and decode draws from it (README Eq. 1.4), the gap the VAE closes.
 
-    z = f(x),  x_hat = g(z)                                  (README Eq. 1)
-    L = E_x || x - g(f(x)) ||^2   (summed over pixels)        (README Eq. 2)
+    z = f(x),  x_hat = g(z)                                  (README Eq. 1.1)
+    L = E_x || x - g(f(x)) ||^2   (summed over pixels)        (README Eq. 1.2)
 
 Run:   python 01_autoencoders/autoencoder.py                  (defaults sized for one GPU)
 CPU recipe: python 01_autoencoders/autoencoder.py --steps 3000 --hidden 256
@@ -61,7 +61,7 @@ class Config:
     lr: float = 1e-3  # Adam learning rate
     hidden: int = 512  # width of the two hidden layers of encoder and decoder
     latent_dim: int = 20  # size of the code z: the bottleneck
-    linear: bool = False  # no nonlinearities, no sigmoid: the optimum spans the PCA subspace (README Eq. 3)
+    linear: bool = False  # no nonlinearities, no sigmoid: the optimum spans the PCA subspace (README Eq. 1.3)
     num_samples: int = 1000  # images decoded from the Gaussian fitted to the codes, for samples.npz
     log_every: int = 1000  # steps between test evaluations, checkpoints and grids
     sample_only: bool = False  # skip training; sample from out_dir/ckpt.pt
@@ -88,7 +88,7 @@ class Autoencoder(nn.Module):
         self.linear = linear
         self.encoder = MLP(784, hidden, latent_dim, linear)  # f: x -> z
         self.decoder = MLP(latent_dim, hidden, 784, linear)  # g: z -> x_hat
-        # Gaussian fitted to the training codes (Eq. 5); filled by fit_code_gaussian
+        # Gaussian fitted to the training codes (Eq. 1.4); filled by fit_code_gaussian
         self.register_buffer("code_mean", torch.zeros(latent_dim))
         self.register_buffer("code_chol", torch.eye(latent_dim))
 
@@ -101,13 +101,13 @@ class Autoencoder(nn.Module):
         return x_hat.view(-1, 1, 28, 28)
 
     def loss(self, x):
-        """Eq. 2: squared error summed over the 784 pixels, averaged over the batch."""
+        """Eq. 1.2: squared error summed over the 784 pixels, averaged over the batch."""
         x_hat = self.decode(self.encode(x))
         return (x_hat - x).pow(2).flatten(1).sum(1).mean()
 
     @torch.no_grad()
     def fit_code_gaussian(self, x):
-        """Eq. 5: mean and Cholesky factor of the covariance of the codes of x."""
+        """Eq. 1.4: mean and Cholesky factor of the covariance of the codes of x."""
         z = self.encode(x).double()
         cov = torch.cov(z.T) + 1e-6 * torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
         self.code_mean.copy_(z.mean(0))
@@ -122,7 +122,7 @@ class Autoencoder(nn.Module):
 
 def pca_angle(model, x):
     """Largest principal angle (degrees) between the decoder's column space and the top-k
-    principal subspace of x (Eq. 3). Near 0 when a linear autoencoder has converged."""
+    principal subspace of x (Eq. 1.3). Near 0 when a linear autoencoder has converged."""
     x = x.flatten(1).double()
     k = model.code_mean.shape[0]
     _, _, v = torch.linalg.svd(x - x.mean(0), full_matrices=False)
@@ -138,7 +138,7 @@ def pca_angle(model, x):
 
 @torch.no_grad()
 def evaluate(model, x_test, batch_size=1000):
-    """Test squared error per image (Eq. 2), and per pixel."""
+    """Test squared error per image (Eq. 1.2), and per pixel."""
     total = sum(model.loss(x_test[i:i + batch_size]).item() * len(x_test[i:i + batch_size])
                 for i in range(0, len(x_test), batch_size))
     per_image = total / len(x_test)
@@ -173,7 +173,7 @@ def train(cfg):
         while step < cfg.steps and not cfg.sample_only:
             # 1. a random batch of training digits
             x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]
-            # 2. reconstruct it and measure the squared error (Eq. 2)
+            # 2. reconstruct it and measure the squared error (Eq. 1.2)
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                 loss = model.loss(x)
             if not torch.isfinite(loss):
