@@ -17,8 +17,9 @@ codes and decode draws from it (README Eq. 1.4), the gap the VAE closes.
     L = E_x || x - g(f(x)) ||^2   (summed over pixels)        (README Eq. 1.2)
 
 Run:   python 01_autoencoders/autoencoder.py                  (defaults sized for one GPU)
-CPU recipe: python 01_autoencoders/autoencoder.py --steps 3000 --hidden 256
-Measured on a 2-core CPU: not measured yet.
+CPU recipe: python 01_autoencoders/autoencoder.py --steps 5000 --hidden 256
+Measured on a 2-core CPU: 31 s, test squared error 7.00 per image (0.0089 per pixel); with --linear
+18.59 (PCA with 20 components: 18.45), largest principal angle to the PCA subspace 7.3 degrees.
 Writes out/autoencoder/: ckpt.pt, samples.png, samples.npz, reconstructions.png.
 """
 
