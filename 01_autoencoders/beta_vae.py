@@ -8,14 +8,14 @@ beta-VAE", 2018, arXiv 1804.03599 (the capacity-annealed objective, --capacity-m
 
 The idea: the VAE loss (README section 4) is a distortion D = -E log p(x|z) plus a rate
 R = KL(q(z|x) || N(0, I)), the nats the code spends on each image. Weighting the rate by beta is
-the Lagrangian of "reconstruct as well as you can while spending at most C nats" (README Eq. 5.4):
-beta > 1 squeezes the code, switches off latent dimensions and pushes the ones left towards
-independent factors; beta < 1 buys sharper reconstructions with a code the prior fits badly.
+the Lagrangian of "reconstruct as well as you can while spending at most C nats" (README Eq. 5.5):
+beta > 1 squeezes the code, switches off latent dimensions and, the hope goes, aligns the ones
+left with independent factors; beta < 1 buys sharper reconstructions with a code the prior fits badly.
 Burgess et al. instead pin the rate to a target C that grows during training. Encoder: Gaussian
 q(z|x) = N(mu, diag exp(logvar)); decoder: Bernoulli logits on grey-level MNIST, so the
 reconstruction term is a binary cross-entropy (BCE) in nats, not a likelihood of the pixels.
 
-    L_beta = BCE(x, decoder(z)) + beta * KL(q(z|x) || N(0, I)),  z = mu + exp(logvar / 2) * eps   (README Eq. 5.5)
+    L_beta = BCE(x, decoder(z)) + beta * KL(q(z|x) || N(0, I)),  z = mu + exp(logvar / 2) * eps   (README Eq. 5.6)
     L_C    = BCE(x, decoder(z)) + gamma * | KL(q(z|x) || N(0, I)) - C(t) |                       (README Eq. 5.7)
     C(t)   = C_max * min(t / T, 1)                                                            (README Eq. 5.8)
 
@@ -67,7 +67,7 @@ class Config:
     lr: float = 1e-3  # Adam learning rate
     hidden: int = 512  # width of the two hidden layers of encoder and decoder
     latent_dim: int = 10  # size of z; 2 also draws latent_space.png and manifold.png
-    beta: float = 4.0  # weight of the KL (rate) term, README Eq. 5.5; 1 is the plain VAE
+    beta: float = 4.0  # weight of the KL (rate) term, README Eq. 5.6; 1 is the plain VAE
     capacity_max: float = 0.0  # C_max in nats; > 0 switches to gamma * |KL - C| (README Eq. 5.7) and ignores beta
     gamma: float = 1000.0  # weight of |KL - C| in the capacity objective (Burgess et al. use 1000)
     capacity_steps: int = 15000  # steps over which C grows linearly from 0 to C_max, then stays (README Eq. 5.8)
@@ -119,7 +119,7 @@ class BetaVAE(nn.Module):
 
     @staticmethod
     def kl_per_dim(mu, logvar):
-        """Eq. 5.6: KL(N(mu_j, sigma_j^2) || N(0, 1)) for each latent dimension j, in nats. (B, latent_dim)"""
+        """Eq. 5.3: KL(N(mu_j, sigma_j^2) || N(0, 1)) for each latent dimension j, in nats. (B, latent_dim)"""
         return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
 
     def capacity(self, step):
@@ -136,7 +136,7 @@ class BetaVAE(nn.Module):
         return bce, self.kl_per_dim(mu, logvar)  # (B,), (B, latent_dim)
 
     def loss(self, x, step=0):
-        """Eq. 5.5 (beta-VAE), or Eq. 5.7 (capacity annealing) when capacity_max > 0.
+        """Eq. 5.6 (beta-VAE), or Eq. 5.7 (capacity annealing) when capacity_max > 0.
         Returns (loss, bce, kl), each averaged over the batch."""
         bce, kl_dims = self.terms(x)
         bce, kl = bce.mean(), kl_dims.sum(1).mean()
@@ -215,7 +215,7 @@ def manifold(model, n=16):
 
 @torch.no_grad()
 def evaluate(model, x_test, batch_size=1000):
-    """Test distortion (BCE), rate (KL) and per-dimension rate, in nats per image (Eq. 5.1, 5.6).
+    """Test distortion (BCE), rate (KL) and per-dimension rate, in nats per image (Eq. 5.1, 5.3).
     BCE + KL is the negative ELBO of the plain VAE (beta = 1) whatever beta was used in training."""
     bce, kl_dims = 0.0, torch.zeros(model.latent_dim, device=x_test.device)
     for i in range(0, len(x_test), batch_size):
@@ -254,7 +254,7 @@ def train(cfg):
         while step < cfg.steps and not cfg.sample_only:
             # 1. a random batch of training digits
             x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]
-            # 2. encode, sample z by reparameterization, decode; distortion + beta * rate (Eq. 5.5 or 5.7)
+            # 2. encode, sample z by reparameterization, decode; distortion + beta * rate (Eq. 5.6 or 5.7)
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                 loss, bce, kl = model.loss(x, step)
             if not torch.isfinite(loss):

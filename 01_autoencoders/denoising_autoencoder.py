@@ -14,15 +14,17 @@ the score of the noise-smoothed data density (README Eq. 3.6): a denoiser is a s
 bridge to score models (module 04) and diffusion (module 05). A denoiser is not a sampler. To draw
 digits anyway we start from uniform noise and iterate "corrupt, then denoise" (README Eq. 3.9), the
 chain of Bengio et al. 2013 (arXiv:1305.6663) with the mean r(x_tilde) in place of a draw from
-P(x | x_tilde); nothing guarantees it samples the data distribution, and it does not: see README.
+P(x | x_tilde). Nothing makes it sample the data distribution: after the CPU recipe it gives sharp
+strokes, but mostly 8s (README section 3, "Run it").
 
     x_tilde = x + sigma * eps, eps ~ N(0, I)   or   x_tilde = m * x, m_i ~ Bernoulli(1 - p)   (README Eq. 3.1, 3.2)
     L = E || r(x_tilde) - x ||^2   (summed over pixels)                                      (README Eq. 3.3)
     r*(x_tilde) = E[x | x_tilde] = x_tilde + sigma^2 grad log q_sigma(x_tilde)               (README Eq. 3.6)
 
-Run:   python 01_autoencoders/denoising_autoencoder.py        (defaults sized for one GPU)
-CPU recipe: python 01_autoencoders/denoising_autoencoder.py --steps 3000 --hidden 256
-Measured on this 2-core CPU: not measured yet.
+Run:   python 01_autoencoders/denoising_autoencoder.py        (defaults sized for one GPU; not measured on a GPU)
+CPU recipe: python 01_autoencoders/denoising_autoencoder.py --steps 5000 --hidden 256
+Measured on this 2-core CPU: 42 s (wall, whole command), test squared error per image 11.17 denoised
+vs 196.19 for the noisy input itself (sigma 0.5).
 Writes out/denoising_autoencoder/: ckpt.pt, samples.png, samples.npz, denoising.png.
 """
 

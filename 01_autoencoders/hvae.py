@@ -229,18 +229,21 @@ class LadderVAE(nn.Module):
 
 @torch.no_grad()
 def evaluate(model, x_test, batch_size=1000):
-    """Test -ELBO per image (Eq. 6.4 with beta = 1, no free bits: the bound itself), its parts, and active units."""
-    sums, means1, means2 = torch.zeros(3, dtype=torch.float64), [], []
+    """Test -ELBO per image (Eq. 6.4 with beta = 1, no free bits: the bound itself), its parts, and per layer the
+    active units (Eq. 6.8) and the units whose own KL, averaged over the test set, exceeds 0.01 nats."""
+    sums, unit_kl1, unit_kl2, means1, means2 = torch.zeros(3, dtype=torch.float64), 0, 0, [], []
     for i in range(0, len(x_test), batch_size):
         x = x_test[i:i + batch_size]
         log_px, kl1, kl2 = model.terms(x)
         sums += torch.stack([-log_px.sum(), kl1.sum(), kl2.sum()]).double().cpu()
+        unit_kl1, unit_kl2 = unit_kl1 + kl1.sum(0), unit_kl2 + kl2.sum(0)
         mean1, mean2 = model.posterior_means(x)
         means1.append(mean1)
         means2.append(mean2)
     recon, kl1, kl2 = (sums / len(x_test)).tolist()
     return {"neg_elbo": recon + kl1 + kl2, "recon": recon, "kl_z1": kl1, "kl_z2": kl2,
-            "active_z1": active_units(torch.cat(means1))[0], "active_z2": active_units(torch.cat(means2))[0]}
+            "active_z1": active_units(torch.cat(means1))[0], "active_z2": active_units(torch.cat(means2))[0],
+            "kl_units_z1": int((unit_kl1 / len(x_test) > 0.01).sum()), "kl_units_z2": int((unit_kl2 / len(x_test) > 0.01).sum())}
 
 
 @torch.no_grad()
@@ -252,9 +255,10 @@ def estimate_nll(model, x_test, k, batch_size=20):
 
 
 def report(m, model):
-    return (f"test -ELBO {m['neg_elbo']:.2f} nats (reconstruction {m['recon']:.2f}, KL z1 {m['kl_z1']:.2f}, "
-            f"KL z2 {m['kl_z2']:.2f}), active units z1 {m['active_z1']}/{model.q1_hat.out_features // 2}, "
-            f"z2 {m['active_z2']}/{model.z2_dim}")
+    d1, d2 = model.q1_hat.out_features // 2, model.z2_dim
+    return (f"test -ELBO {m['neg_elbo']:.2f} nats (reconstruction {m['recon']:.2f}, KL z1 {m['kl_z1']:.2f}, KL z2 "
+            f"{m['kl_z2']:.2f}); active units z1 {m['active_z1']}/{d1}, z2 {m['active_z2']}/{d2}; units with KL > 0.01 "
+            f"nats z1 {m['kl_units_z1']}/{d1}, z2 {m['kl_units_z2']}/{d2}")
 
 
 def train(cfg):

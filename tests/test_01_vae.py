@@ -161,14 +161,16 @@ def test_vae_bad_input_exits_with_a_message(tiny_mnist, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_vae_learns_binarized_mnist(mnist_dir, tmp_path):
-    """3000 steps on dynamically binarized MNIST. Test negative ELBO (nats) after this run, three seeds:
-    seed 0: MEASURE0, seed 1: MEASURE1, seed 2: MEASURE2; threshold = worst - margin."""
+    """3000 steps (about 17 s on this 2-core CPU) on dynamically binarized MNIST must bring the test
+    negative ELBO below 121 nats; the untrained model (decoder at the mean digit) is at about 206."""
     args = ["--steps", "3000", "--hidden", "200", "--binarize", "--device", "cpu", "--seed", "0",
             "--data-dir", str(mnist_dir), "--num-samples", "64", "--log-every", "100000"]
     t0 = time.time()
     trained = M.main(args + ["--out-dir", str(tmp_path / "trained")])
     untrained = M.main(args + ["--steps", "0", "--out-dir", str(tmp_path / "untrained")])
-    threshold = 999.0
+    # test negative ELBO after this run: seed 0: 117.54, seed 1: 114.95, seed 2: 115.39 nats;
+    # threshold = worst seed (117.54) + a margin of about 3.5 nats
+    threshold = 121.0
     assert trained["test_loss"] < threshold, trained
     assert untrained["test_loss"] > threshold, untrained
     assert time.time() - t0 < 25
