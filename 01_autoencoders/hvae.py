@@ -21,7 +21,7 @@ closed-form (z2's exactly; z1's given one Monte Carlo draw of z2). Upper layers 
     log p(x) >= log 1/k sum_i p(x, z1_i, z2_i) / q(z1_i, z2_i | x)                          (README Eq. 6.9)
 
 Run:   python 01_autoencoders/hvae.py --eval-nll             (defaults sized for one GPU; not measured on a GPU)
-CPU recipe: python 01_autoencoders/hvae.py --steps STEPS_ME --eval-nll
+CPU recipe: python 01_autoencoders/hvae.py --steps 40000 --warmup 10000 --eval-nll
 Measured on this 2-core CPU: not measured yet.
 Writes out/hvae/: ckpt.pt, samples.png, samples.npz, layers.png (each row shares one z2).
 """

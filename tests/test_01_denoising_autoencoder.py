@@ -34,7 +34,7 @@ def test_denoising_autoencoder_gaussian_noise_error_closed_form():
     torch.manual_seed(0)
     sigma, n = 0.3, 200
     model = M.DenoisingAutoencoder(M.Denoiser(hidden=16, latent_dim=4), "gaussian", sigma)
-    denoised, noisy = M.evaluate(model, torch.rand(n, 1, 28, 28), batch_size=64)
+    _, noisy = M.evaluate(model, torch.rand(n, 1, 28, 28), batch_size=64)
     se = sigma ** 2 * math.sqrt(2 * 784 / n)
     assert abs(noisy - 784 * sigma ** 2) < 3 * se, (noisy, 784 * sigma ** 2, se)
     x = torch.rand(n, 1, 28, 28)
