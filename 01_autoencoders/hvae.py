@@ -22,7 +22,8 @@ closed-form (z2's exactly; z1's given one Monte Carlo draw of z2). Upper layers 
 
 Run:   python 01_autoencoders/hvae.py --eval-nll             (defaults sized for one GPU; not measured on a GPU)
 CPU recipe: python 01_autoencoders/hvae.py --steps 40000 --warmup 10000 --eval-nll
-Measured on this 2-core CPU: not measured yet.
+Measured on this 2-core CPU: 17 min 9 s (wall, whole command: 454 s training, 569 s IW evaluation); test -ELBO
+93.26 nats, test NLL 87.83 nats (k = 5000); active units z1 100/100, z2 6/50 (z1 units with own KL > 0.01 nats: 16).
 Writes out/hvae/: ckpt.pt, samples.png, samples.npz, layers.png (each row shares one z2).
 """
 
