@@ -29,6 +29,7 @@ SHARED = {  # name: owner file (relative to the repository root)
     "save_checkpoint": AE,
     "load_checkpoint": AE,
     "toy_2d": "00_prerequisites/gaussian_mixture.py",
+    "toy_2d_log_prob": "00_prerequisites/gaussian_mixture.py",
 }
 
 
