@@ -20,7 +20,7 @@ find the simplest (thicken the strokes); the identity loss G(b) = b keeps ink an
 with lambda_cyc = 10, lambda_id = 0.5 lambda_cyc, Adam 2e-4 (beta1 0.5, linear decay to 0 over the
 second half) and the history pool of 50 fakes for the discriminators, all as in the paper.
 
-Run:   python 02_gans/cyclegan.py                             (defaults sized for one GPU)
+Run:   python 02_gans/cyclegan.py                             (defaults sized for one GPU; not measured on a GPU)
 CPU recipe: python 02_gans/cyclegan.py --steps 800 --channels 16 --n-res 3
 Measured on a 2-core CPU: 218 s (wall, whole command); G(a) keeps the class of 96.8 % of 1000 test
 digits (metrics.py label_agreement; F(b): 97.5 %), |G(a) - dilate(a)| 0.043 per pixel (input: 0.127).

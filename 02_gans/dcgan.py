@@ -3,7 +3,7 @@ DCGAN: a convolutional GAN that trains stably, by following a few architecture r
 
 Paper: Radford, Metz and Chintala, "Unsupervised Representation Learning with Deep Convolutional
 Generative Adversarial Networks", 2015, arXiv 1511.06434. The game: Goodfellow et al., "Generative
-Adversarial Networks", 2014, arXiv 1406.2661.
+Adversarial Nets", 2014, arXiv 1406.2661.
 
 The idea: the GAN game of section 1, played by two convolutional networks built by the paper's
 rules. Strided convolutions instead of pooling, so each network learns its own down- or

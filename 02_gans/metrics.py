@@ -38,7 +38,7 @@ import sys
 import time
 import typing
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

@@ -177,7 +177,7 @@ class WGANGP(nn.Module):
 def wasserstein_estimate(model, x, z, batch_size=500):
     """The critic's held-out estimate of W(p_data, p_g): E D(x) - E D(G(z)) (Eq. 4.1) on fixed
     test digits x and fixed noise z, G in eval mode. Unlike the GAN losses, it falls as samples
-    improve (README "What the estimate tells you")."""
+    improve (README section 4.8, "What the held-out estimate tells you")."""
     def mean_score(images):  # E D(images), in chunks
         return torch.cat([model.D(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)]).mean()
     fake = model.sample(len(z), z) * 2 - 1  # (N, 1, 28, 28), back to [-1, 1]
@@ -200,18 +200,18 @@ def train(cfg):
     model = WGANGP(cfg.latent_dim, cfg.channels, cfg.lambda_gp).to(device)
     optimizer = {"G": torch.optim.Adam(model.G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)),
                  "D": torch.optim.Adam(model.D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))}
-    step = 0
+    step, history = 0, []
     if cfg.resume or cfg.sample_only:
         ckpt = load_checkpoint(out / "ckpt.pt", device)
         for k in ("G", "D"):
             getattr(model, k).load_state_dict(ckpt["model"][k])
             optimizer[k].load_state_dict(ckpt["optimizer"][k])
-        step = ckpt["step"]
+        step, history = ckpt["step"], [tuple(h) for h in ckpt["history"]]
 
     def checkpoint():
         save_checkpoint(out / "ckpt.pt", {"model": {"G": model.G.state_dict(), "D": model.D.state_dict()},
                                           "optimizer": {k: o.state_dict() for k, o in optimizer.items()},
-                                          "config": asdict(cfg), "step": step})
+                                          "config": asdict(cfg), "step": step, "history": history})
 
     def batch():
         x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]  # (B, 1, 28, 28)
@@ -222,7 +222,8 @@ def train(cfg):
             raise SystemExit(f"error: {name} loss is {loss.item()} at step {step}; "
                              f"the last good checkpoint is {out / 'ckpt.pt'}")
 
-    history = [(step, wasserstein_estimate(model, x_eval, z_eval))]  # held-out W estimate, (step, value)
+    if not history:  # held-out W estimate, (step, value); kept in the checkpoint across --resume
+        history.append((step, wasserstein_estimate(model, x_eval, z_eval)))
     w, gp = torch.tensor(float("nan")), torch.tensor(float("nan"))
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     t0 = time.time()
