@@ -128,9 +128,14 @@ class PatchDiscriminator(nn.Sequential):
 
 
 def init_weights(module):
-    """The paper's initialization: every convolution weight from N(0, 0.02), biases 0."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    """DCGAN's initialization (Radford et al. 2015; CycleGAN uses it too): every weight from N(0, 0.02),
+    biases 0; batch-norm scales from N(1, 0.02), as in the DCGAN code, so a fresh layer passes its input on."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
 

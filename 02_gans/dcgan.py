@@ -124,9 +124,9 @@ class Discriminator(nn.Sequential):
 
 
 def init_weights(module):
-    """The paper: every weight from N(0, 0.02). Batch-norm scales start at 1 (N(1, 0.02), as in its
-    code), so a fresh layer passes its input through; biases start at 0."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    """DCGAN's initialization (Radford et al. 2015; CycleGAN uses it too): every weight from N(0, 0.02),
+    biases 0; batch-norm scales from N(1, 0.02), as in the DCGAN code, so a fresh layer passes its input on."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -186,20 +186,20 @@ def train(cfg):
     x_train = load_mnist(cfg.data_dir, train=True)[0].to(device).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1], G's tanh range
 
     gan = GAN(Generator(cfg.latent_dim, cfg.hidden), Discriminator(cfg.hidden, cfg.dropout), cfg.latent_dim, cfg.g_loss).to(device)
-    opt_g = torch.optim.Adam(gan.G.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-    opt_d = torch.optim.Adam(gan.D.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_G = torch.optim.Adam(gan.G.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_D = torch.optim.Adam(gan.D.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     step = 0
     if cfg.resume or cfg.sample_only:
         ckpt = load_checkpoint(out / "ckpt.pt", device)
         gan.G.load_state_dict(ckpt["model"]["G"])
         gan.D.load_state_dict(ckpt["model"]["D"])
-        opt_g.load_state_dict(ckpt["optimizer"]["G"])
-        opt_d.load_state_dict(ckpt["optimizer"]["D"])
+        opt_G.load_state_dict(ckpt["optimizer"]["G"])
+        opt_D.load_state_dict(ckpt["optimizer"]["D"])
         step = ckpt["step"]
 
     def checkpoint():
         save_checkpoint(out / "ckpt.pt", {"model": {"G": gan.G.state_dict(), "D": gan.D.state_dict()},
-                                          "optimizer": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                                          "optimizer": {"G": opt_G.state_dict(), "D": opt_D.state_dict()},
                                           "config": asdict(cfg), "step": step})
 
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
@@ -212,19 +212,19 @@ def train(cfg):
             x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]
             with autocast:
                 loss_d, d_real = gan.d_loss(x, gan.G(gan.noise(cfg.batch_size)))
-            opt_d.zero_grad(set_to_none=True)
+            opt_D.zero_grad(set_to_none=True)
             loss_d.backward()
-            opt_d.step()
+            opt_D.step()
             # 2. G step: fresh fakes, judged by the updated D; G descends Eq. 1.7 or Eq. 1.8
             with autocast:
                 loss_g, d_fake = gan.g_loss(gan.G(gan.noise(cfg.batch_size)))
             if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
                 raise SystemExit(f"error: loss is {loss_d.item()} (D), {loss_g.item()} (G) at step {step}; "
                                  f"the last good checkpoint is {out / 'ckpt.pt'}")
-            opt_g.zero_grad(set_to_none=True)
+            opt_G.zero_grad(set_to_none=True)
             loss_g.backward()  # also leaves gradients in D, cleared before D's next step
             norm_g = grad_norm(gan.G)  # the signal G receives: small under minimax when D(G(z)) ~ 0
-            opt_g.step()
+            opt_G.step()
             step += 1
             window += torch.stack([loss_d.detach(), loss_g.detach(), d_real, d_fake, norm_g]).float()
             bar.update(1)

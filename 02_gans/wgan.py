@@ -107,8 +107,9 @@ class Critic(nn.Sequential):
             nn.Flatten(), nn.Linear(2 * ch * 7 * 7, 1))  # (B, 1): a score, not a probability
 
 
-def dcgan_init(module):
-    """Radford et al.: weights from N(0, 0.02), batch-norm scales from N(1, 0.02)."""
+def init_weights(module):
+    """DCGAN's initialization (Radford et al. 2015; CycleGAN uses it too): every weight from N(0, 0.02),
+    biases 0; batch-norm scales from N(1, 0.02), as in the DCGAN code, so a fresh layer passes its input on."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
@@ -127,7 +128,7 @@ class WGAN(nn.Module):
         self.latent_dim, self.clip = latent_dim, clip
         self.G = Generator(latent_dim, channels)  # G_theta: z -> x
         self.D = Critic(channels)  # f_w: x -> R, kept in the clipped box W = [-c, c]^d
-        self.apply(dcgan_init)
+        self.apply(init_weights)
         self.clip_critic()  # start inside W, so every critic the loop sees is K-Lipschitz
 
     def w_estimate(self, x, x_fake):

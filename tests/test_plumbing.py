@@ -30,6 +30,7 @@ SHARED = {  # name: owner file (relative to the repository root)
     "load_checkpoint": AE,
     "toy_2d": "00_prerequisites/gaussian_mixture.py",
     "toy_2d_log_prob": "00_prerequisites/gaussian_mixture.py",
+    "init_weights": "02_gans/dcgan.py",  # DCGAN's N(0, 0.02) initialization, also used by wgan.py and cyclegan.py
 }
 
 
