@@ -31,6 +31,9 @@ SHARED = {  # name: owner file (relative to the repository root)
     "toy_2d": "00_prerequisites/gaussian_mixture.py",
     "toy_2d_log_prob": "00_prerequisites/gaussian_mixture.py",
     "init_weights": "02_gans/dcgan.py",  # DCGAN's N(0, 0.02) initialization, also used by wgan.py and cyclegan.py
+    "squeeze": "03_normalizing_flows/realnvp.py",  # the multi-scale squeeze, also in glow.py
+    "unsqueeze": "03_normalizing_flows/realnvp.py",
+    "logit_transform": "03_normalizing_flows/realnvp.py",  # dequantized pixels to logit space, also in maf.py
 }
 
 
