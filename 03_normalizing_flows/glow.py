@@ -6,10 +6,10 @@ arXiv 1807.03039. Builds on RealNVP (Dinh, Sohl-Dickstein and Bengio, 2016, arXi
 
 The idea: an invertible map x -> z made of L levels (squeeze, then K steps, then split half of the
 channels off with a learned prior). Each step is actnorm (a per-channel affine map initialized from
-the data), an invertible 1x1 convolution (a learned channel permutation, in LU form its log-det is a
-sum) and an affine coupling (half the channels scaled and shifted by a CNN of the other half). The
-log-likelihood is exact (change of variables, 00_prerequisites README Eq. 1.5), so training is plain
-maximum likelihood; sampling runs the map backwards from Gaussian noise, every std scaled by T.
+the data), an invertible 1x1 convolution (a learned channel mixing that generalizes a permutation; in
+LU form its log-det is a sum) and an affine coupling (half the channels scaled and shifted by a CNN of
+the other half). The log-likelihood is exact (change of variables, 00_prerequisites README Eq. 1.5),
+so training is plain maximum likelihood; sampling runs the map backwards from Gaussian noise, every std scaled by T.
 
     actnorm:   y = s * x + b,            logdet = H W sum log|s|                  (README Eq. 4.1)
     1x1 conv:  y_ij = W x_ij,            logdet = H W log|det W|                  (README Eq. 4.4)
@@ -20,7 +20,7 @@ maximum likelihood; sampling runs the map backwards from Gaussian noise, every s
 Run:   python 03_normalizing_flows/glow.py                     (defaults sized for one GPU; not measured on a GPU)
 CPU recipe: python 03_normalizing_flows/glow.py --steps 3600 --depth 8 --hidden 64 --warmup 200
 Measured on a 2-core CPU: 10 min 39 s (wall, whole command), test bits/dim 2.071 on the 10 000 test digits (the
-issue's 1.6 not reached at this budget); FID 348.0 at T = 0.7, 313.8 at T = 1.0 (metrics.py, N = 1000).
+module's target of 1.6 not reached at this budget); FID 348.0 at T = 0.7, 313.8 at T = 1.0 (metrics.py, N = 1000).
 Writes out/glow/: ckpt.pt, samples.png, samples.npz (at --temperature), temperatures.png.
 """
 

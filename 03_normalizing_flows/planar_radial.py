@@ -24,7 +24,7 @@ the whole plane; a soft wall at |z1| = 4 (the paper's plotting window) makes the
 Run:   python 03_normalizing_flows/planar_radial.py                  (defaults sized for one GPU)
 CPU recipe: python 03_normalizing_flows/planar_radial.py --steps 2500 --batch-size 256 --anneal-steps 1250 --lr 3e-3
 Measured on a 2-core CPU: 2 min 7 s (planar, K = 32, all four energies); KL(q_K || p) = log Z - ELBO in nats,
-U1 0.012, U2 0.011, U3 0.167, U4 0.113 (s.e. <= 0.002); mass of q_K on [-8, 8]^2 via the inverse 0.9997 to 1.0001.
+U1 0.012, U2 0.011, U3 0.167, U4 0.113 (s.e. <= 0.0022); mass of q_K on [-8, 8]^2 via the inverse 0.9997 to 1.0001.
 Writes out/planar_radial/: ckpt.pt, samples.png (target and q_K side by side per energy), samples.npz.
 """
 
@@ -162,7 +162,7 @@ class PlanarLayer(nn.Module):
         super().__init__()
         w = torch.randn(dim)
         self.w = nn.Parameter(w)
-        self.u = nn.Parameter(math.log(math.e - 1) * w / w.dot(w))  # m(wᵀu) = wᵀu: û = 0, f = identity
+        self.u = nn.Parameter(math.log(math.e - 1) * w / w.dot(w))  # m(wᵀu) = 0: û = 0, f = identity
         self.b = nn.Parameter(torch.zeros(()))
 
     def u_hat(self):  # (D,), Eq. 2.5

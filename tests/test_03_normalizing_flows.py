@@ -681,7 +681,7 @@ def check_flow(layer, x):
 def test_maf_made_masks_are_autoregressive():
     """d(mu, alpha)/dx is strictly lower-triangular in MADE's order: zero where m(j) >= m(i), and
     non-zero (for random weights) everywhere below the diagonal."""
-    torch.manual_seed(0)  # fixed draws; 64 hidden units and 32 inputs, so no allowed path is dead (ReLU) at all of them
+    torch.manual_seed(0)  # fixed draws; 64 hidden units and 32 examples, so no allowed path is dead (ReLU) at all of them
     d = 6
     order = torch.tensor([3, 0, 5, 1, 4, 2])
     made = perturbed(MAF_SCRIPT.MADE(d, 64, 2, order))
