@@ -6,13 +6,11 @@ Dinh, Krueger and Bengio, "NICE: Non-linear Independent Components Estimation", 
 (additive coupling and diagonal scaling: --coupling additive); Theis, van den Oord and Bethge, "A note
 on the evaluation of generative models", 2016, arXiv 1511.01844 (dequantization).
 
-The idea: a mask b splits x into x_b, which passes through unchanged, and the rest, which is scaled and
-shifted by amounts computed from x_b. The map is invertible whatever the networks s and t are, and its
-Jacobian is triangular, so log|det J| is a sum of scales. Couplings with alternating masks
-(checkerboard, then channel masks after a squeeze), normalization layers between them, and half of the
-dimensions factored out at each scale give an exact density, trained by maximum likelihood. MNIST
-pixels are dequantized, y = (x + u) / 256, and pass through a logit transform whose log-det is added
-back, so test bits/dim compare with published numbers.
+The idea: a mask b splits x into x_b, which passes through unchanged, and the rest, scaled and shifted by
+amounts computed from x_b: invertible whatever the networks s and t are, with a triangular Jacobian, so
+log|det J| is a sum of scales. Alternating masks, normalization layers and half of the dimensions factored
+out at each scale give an exact density, trained by maximum likelihood; MNIST pixels are dequantized and
+logit-transformed, so test bits/dim compare with published numbers.
 
     y_b = x_b,   y_{1-b} = x_{1-b} * exp(s(x_b)) + t(x_b)                   (README Eq. 3.1)
     x_{1-b} = (y_{1-b} - t(y_b)) * exp(-s(y_b)),   log|det J| = sum s(x_b)    (README Eq. 3.2, 3.4)
@@ -54,9 +52,6 @@ from tqdm import tqdm
 # --- Config ---
 
 
-TOYS = ("moons", "8gaussians", "checkerboard", "swissroll", "rings")
-
-
 @dataclass
 class Config:
     seed: int = 0  # random seed (torch, numpy)
@@ -84,7 +79,8 @@ class Config:
     resume: bool = False  # continue training from out_dir/ckpt.pt
 
     def __post_init__(self):
-        choices = {"dataset": ("mnist",) + TOYS, "coupling": ("affine", "additive"), "norm": ("batch", "act", "none")}
+        choices = {"dataset": ("mnist", "moons", "8gaussians", "checkerboard", "swissroll", "rings"),
+                   "coupling": ("affine", "additive"), "norm": ("batch", "act", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -162,9 +158,8 @@ def _channel_view(v, x):  # (C,) -> broadcastable over (B, C) or (B, C, H, W)
 
 
 class BatchNormFlow(nn.Module):
-    """Batch norm as an invertible layer, y = (x - mu) / sqrt(var + eps) * exp(log_gamma) + beta (Eq. 3.11).
-    Training uses batch statistics (and updates running averages); eval mode and inverse() use the
-    running averages, a fixed affine map that is exactly invertible."""
+    """Batch norm as an invertible layer, y = (x - mu) / sqrt(var + eps) * exp(log_gamma) + beta (Eq. 3.11):
+    batch statistics in training (running averages updated); eval mode and inverse() use the running averages."""
 
     def __init__(self, channels, momentum=0.05, eps=1e-4):
         super().__init__()
@@ -305,10 +300,9 @@ def coupling_flow_2d(dim=2, layers=8, hidden=256, coupling="affine", norm="batch
 
 
 class MultiScaleFlow(nn.Module):
-    """The paper's multi-scale architecture (README Eq. 3.8-3.10). Each of `scales` scales: 3 checkerboard
-    couplings, squeeze, 3 channel couplings, then half of the channels are factored out (they are part
-    of z from there on). Last scale: 4 checkerboard couplings. MNIST: 1 x 28 x 28 -> 4 x 14 x 14 (2
-    channels out) -> 8 x 7 x 7 (4 out) -> 4 x 7 x 7."""
+    """The paper's multi-scale architecture (README Eq. 3.8-3.10). Each of `scales` scales: 3 checkerboard couplings,
+    squeeze, 3 channel couplings, then half of the channels are factored out (part of z from there on). Last scale:
+    4 checkerboard couplings. MNIST: 1 x 28 x 28 -> 4 x 14 x 14 (2 channels out) -> 8 x 7 x 7 (4 out) -> 4 x 7 x 7."""
 
     def __init__(self, in_channels=1, size=28, channels=64, blocks=4, coupling="affine", norm="batch", scales=2):
         super().__init__()
@@ -358,22 +352,18 @@ class RealNVP(nn.Module):
         super().__init__()
         self.flow, self.shape, self.alpha = flow, tuple(shape), alpha
         self.dim = math.prod(self.shape)
-        self.scaling = Scaling(self.dim) if scaling else None
+        self.scaling = Scaling(self.dim) if scaling else FlowSequence()  # without NICE: the identity
 
     def forward(self, x):  # x (B, *shape) -> z (B, D), logdet (B,)
         logdet = x.new_zeros(x.shape[0])
         if self.alpha is not None:
             x, logdet = logit_transform(x, self.alpha)
         z, ld = self.flow(x)
-        z, logdet = z.flatten(1), logdet + ld
-        if self.scaling is not None:
-            z, ld = self.scaling(z)
-            logdet = logdet + ld
-        return z, logdet
+        z, ld_scaling = self.scaling(z.flatten(1))
+        return z, logdet + ld + ld_scaling
 
     def inverse(self, z):  # z (B, D) -> x (B, *shape)
-        if self.scaling is not None:
-            z = self.scaling.inverse(z)
+        z = self.scaling.inverse(z)
         x = self.flow.inverse(z if isinstance(self.flow, MultiScaleFlow) else z.view(-1, *self.shape))
         if self.alpha is not None:
             x = (torch.sigmoid(x) - self.alpha) / (1 - 2 * self.alpha)  # undo Eq. 3.16
@@ -423,10 +413,8 @@ def evaluate(model, x, batch_size=500, seed=0):
 def train(cfg):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = pick_device(cfg.device)
-    out = Path(cfg.out_dir)
+    device, out, mnist = pick_device(cfg.device), Path(cfg.out_dir), cfg.dataset == "mnist"
     out.mkdir(parents=True, exist_ok=True)
-    mnist = cfg.dataset == "mnist"
     if mnist:
         x_train = load_mnist(cfg.data_dir, train=True)[0].unsqueeze(1).to(device)  # (N, 1, 28, 28) uint8
         x_test = load_mnist(cfg.data_dir, train=False)[0][:cfg.eval_size].unsqueeze(1).to(device)
@@ -454,10 +442,8 @@ def train(cfg):
     try:
         while step < cfg.steps and not cfg.sample_only:
             # 1. a batch: dequantized training digits y = (x + u) / 256 (Eq. 3.13), or fresh 2-D points
-            if mnist:
-                x = dequantize(x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)])
-            else:
-                x = toy_2d(cfg.dataset, cfg.batch_size, data_gen).to(device)
+            x = (dequantize(x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]) if mnist
+                 else toy_2d(cfg.dataset, cfg.batch_size, data_gen).to(device))
             # 2. exact negative log-likelihood through the flow (Eq. 3.5)
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                 loss = -model.log_prob(x).float().mean()
@@ -487,9 +473,8 @@ def train(cfg):
         checkpoint()
 
     model.eval()
-    result = {"step": step}
     if mnist:
-        result["test_bpd"] = evaluate(model, x_test)
+        result = {"step": step, "test_bpd": evaluate(model, x_test)}
         print(f"test {result['test_bpd']:.4f} bits/dim on {len(x_test)} MNIST test digits after {step} steps, {time.time() - t0:.0f} s")
         y = torch.cat([model.sample(500).clamp(0, 1) for _ in range(0, cfg.num_samples, 500)])[:cfg.num_samples]
         save_grid(y[:64], out / "samples.png", nrow=8)
@@ -497,7 +482,7 @@ def train(cfg):
         np.savez_compressed(out / "samples.npz", images=images.cpu().numpy())
         print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'}")
         return result
-    result["test_nll"] = evaluate(model, x_test)
+    result = {"step": step, "test_nll": evaluate(model, x_test)}
     line = f"held-out NLL {result['test_nll']:.4f} nats on {len(x_test)} points"
     if cfg.dataset in ("8gaussians", "checkerboard"):  # the true density's NLL: an estimate of its entropy
         result["true_nll"] = -toy_2d_log_prob(cfg.dataset, x_test.cpu()).mean().item()
@@ -544,7 +529,7 @@ def draw_density(model, data, samples, out, size=256, extent=4.0):
 def push_through_layers(model, z):
     """Base samples z pushed through the inverse flow, recorded after each coupling (for layers.svg)."""
     stages = [z]
-    z = model.scaling.inverse(z) if model.scaling is not None else z
+    z = model.scaling.inverse(z)
     for layer in reversed(model.flow):
         z = layer.inverse(z)
         if isinstance(layer, Coupling):
