@@ -338,14 +338,14 @@ class Glow(nn.Module):
         return self.inverse(temperature * torch.randn(n, d, device=self.top.mu.device))
 
 
-def dequantize(x):
-    """uint8 pixels x -> y = (x + u) / 256, u ~ U[0, 1)^D (uniform dequantization, README section 3)."""
-    return (x.float() + torch.rand(x.shape, device=x.device)) / 256
+def dequantize(x, generator=None):  # uint8 (B, ...) -> y = (x + u) / 256 in (0, 1), u ~ U[0, 1) (Eq. 3.13)
+    u = torch.rand(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
+    return (x.float() + u.to(x.device)) / 256
 
 
-def bits_per_dim(log_p, d):
-    """Eq. 4.10: -log P(x) <= -log p(y) + D log 256 nats for the 8-bit image x; divide by D log 2."""
-    return (-log_p + d * math.log(256)) / (d * math.log(2))
+def bits_per_dim(log_prob_y, dim):
+    """Eq. 3.15: -log P(x) <= -log p(y) + D log 256 nats (Eq. 3.14) for the 8-bit image x, per dimension, in bits."""
+    return (-log_prob_y + dim * math.log(256)) / (dim * math.log(2))
 
 
 def to_pixels(x):

@@ -253,30 +253,32 @@ def logit_transform(y, alpha):
     return l, logdet
 
 
-def dequantize(x, lam, generator=None):
-    """uint8 pixels (B, 784) -> the flow's input l (B, 784) and log |det dl/dy| (B,): y = (x + u) / 256
-    with u ~ U[0, 1)^784 (uniform dequantization), then the logit transform."""
-    y = (x.float() + torch.rand(x.shape, generator=generator, device=x.device)) / 256
-    return logit_transform(y, lam)
+def dequantize(x, generator=None):  # uint8 (B, ...) -> y = (x + u) / 256 in (0, 1), u ~ U[0, 1) (Eq. 3.13)
+    u = torch.rand(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
+    return (x.float() + u.to(x.device)) / 256
 
 
 def to_pixels(l, lam):
-    """The inverse of dequantize: l (B, 784) -> uint8 (B, 1, 28, 28); y = x / 256 + noise, so x = floor(256 y)."""
+    """Undo logit_transform(dequantize(x)): l (B, 784) -> uint8 (B, 1, 28, 28); y = (x + u) / 256, so x = floor(256 y)."""
     y = (torch.sigmoid(l) - lam) / (1 - 2 * lam)
     return (y * 256).floor().clamp(0, 255).to(torch.uint8).view(-1, 1, 28, 28)
 
 
+def bits_per_dim(log_prob_y, dim):
+    """Eq. 3.15: -log P(x) <= -log p(y) + D log 256 nats (Eq. 3.14) for the 8-bit image x, per dimension, in bits."""
+    return (-log_prob_y + dim * math.log(256)) / (dim * math.log(2))
+
+
 @torch.no_grad()
-def bits_per_dim(model, x, lam, seed=0, batch_size=1000):
-    """Test bits/dim on uint8 digits x (N, 784), with fixed dequantization noise:
-    (-log p(y) + D log 256) / (D log 2), log p(y) = log p(l) + log |det dl/dy| (README section 3)."""
+def mnist_bits_per_dim(model, x, lam, seed=0, batch_size=1000):
+    """Test bits/dim on uint8 digits x (N, 784), with fixed dequantization noise; log p(y) = log p(l) +
+    log |det dl/dy| adds the logit transform's correction (README Eq. 3.15, 3.17)."""
     generator = torch.Generator(x.device).manual_seed(seed)
     total = 0.0
     for i in range(0, len(x), batch_size):
-        l, logdet = dequantize(x[i:i + batch_size], lam, generator)
-        log_p_y = model.log_prob(l) + logdet
-        total += (-log_p_y + 784 * math.log(256)).sum().item()
-    return total / (len(x) * 784 * math.log(2))
+        l, logdet = logit_transform(dequantize(x[i:i + batch_size], generator), lam)
+        total += bits_per_dim(model.log_prob(l) + logdet, x.shape[1]).sum().item()
+    return total / len(x)
 
 
 @torch.no_grad()
@@ -341,7 +343,7 @@ def train(cfg):
 
     def evaluate():  # MNIST: test bits/dim; 2-D: held-out NLL in nats
         model.eval()
-        result = bits_per_dim(model, x_test, cfg.lam, cfg.seed) if mnist else mean_nll(model, x_test)
+        result = mnist_bits_per_dim(model, x_test, cfg.lam, cfg.seed) if mnist else mean_nll(model, x_test)
         model.train()
         return result
 
@@ -369,7 +371,7 @@ def train(cfg):
             x = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]
             logdet_logit = 0.0
             if mnist:
-                x, logdet_logit = dequantize(x, cfg.lam)
+                x, logdet_logit = logit_transform(dequantize(x), cfg.lam)
             # 2. exact negative log-likelihood through the stack (Eq. 5.5, 5.8), float32
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                 nll = -(model.log_prob(x) + logdet_logit).float().mean()

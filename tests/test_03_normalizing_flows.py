@@ -752,15 +752,15 @@ def test_maf_bits_per_dim_hand_computation():
 
     x = torch.randint(0, 256, (300, 784), dtype=torch.uint8)
     x[:100] = 0  # the saturated end, where the correction is largest
-    bpd = MAF_SCRIPT.bits_per_dim(UniformInLogitSpace(), x, lam, batch_size=128)
+    bpd = MAF_SCRIPT.mnist_bits_per_dim(UniformInLogitSpace(), x, lam, batch_size=128)
     assert abs(bpd - 8) < 1e-3
-    l, logdet = MAF_SCRIPT.dequantize(x, lam, torch.Generator().manual_seed(0))
+    l, logdet = MAF_SCRIPT.logit_transform(MAF_SCRIPT.dequantize(x, torch.Generator().manual_seed(0)), lam)
     assert abs((-UniformInLogitSpace().log_prob(l) + 784 * math.log(256)).mean() / (784 * math.log(2)) - 8) > 1
 
 
 def test_maf_pixels_round_trip():
     x = torch.randint(0, 256, (50, 784), dtype=torch.uint8)
-    l, _ = MAF_SCRIPT.dequantize(x, 1e-6, torch.Generator().manual_seed(1))
+    l, _ = MAF_SCRIPT.logit_transform(MAF_SCRIPT.dequantize(x, torch.Generator().manual_seed(1)), 1e-6)
     assert (MAF_SCRIPT.to_pixels(l, 1e-6).flatten(1) == x).float().mean() > 0.999
 
 
