@@ -34,8 +34,8 @@ SHARED = {  # name: owner file (relative to the repository root)
     "squeeze": "03_normalizing_flows/realnvp.py",  # the multi-scale squeeze, also in glow.py
     "unsqueeze": "03_normalizing_flows/realnvp.py",
     "logit_transform": "03_normalizing_flows/realnvp.py",  # dequantized pixels to logit space, also in maf.py
-    "dequantize": "03_normalizing_flows/realnvp.py",  # uniform dequantization, also in glow.py and maf.py
-    "bits_per_dim": "03_normalizing_flows/realnvp.py",  # -log p(y) + D log 256 in bits per dimension, also in glow.py and maf.py
+    "dequantize": "03_normalizing_flows/realnvp.py",  # uniform dequantization, also in glow.py, maf.py and score_sde.py
+    "bits_per_dim": "03_normalizing_flows/realnvp.py",  # -log p(y) + D log 256 in bits per dimension, also in glow.py, maf.py and score_sde.py
 }
 
 
