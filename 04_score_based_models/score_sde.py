@@ -212,9 +212,10 @@ class ScoreSDE(nn.Module):
         return self.net(x, t).to(x.dtype) / self._expand(self.marginal(t)[1], x)
 
     def loss(self, x0, likelihood_weighting=False):
-        """Eq. 3.10 (the paper's Eq. 7): lambda(t) || s_theta(xt, t) - grad log p_0t(xt | x0) ||^2 with
-        grad log p_0t = -z / std. With lambda = std^2 this is || net + z ||^2 (DDPM's loss); with
-        lambda = g^2 it is g^2 / std^2 || net + z ||^2. Summed over pixels, divided by D for readability."""
+        """README Eq. 3.9 (the paper's Eq. 7) in the form of Eq. 3.10: lambda(t) || s_theta(xt, t) -
+        grad log p_0t(xt | x0) ||^2 with grad log p_0t = -z / std. With lambda = std^2 this is || net + z ||^2
+        (DDPM's loss); with lambda = g^2 it is g^2 / std^2 || net + z ||^2. Summed over pixels, divided by D
+        for readability."""
         t = torch.rand(x0.shape[0], device=x0.device) * (1 - self.t_eps) + self.t_eps  # t ~ U[t_eps, 1]
         z = torch.randn_like(x0)
         mean, std = self.marginal(t)
