@@ -21,7 +21,7 @@ weighted by sigma^2, and annealed Langevin samples with it from coarse to fine.
 
 Run:   python 04_score_based_models/langevin.py                (MNIST, defaults sized for one GPU)
        python 04_score_based_models/langevin.py --demo         (part one only, seconds)
-       python 04_score_based_models/langevin.py --dataset 8gaussians --steps 3000  (2-D, about 30 s on a CPU)
+       python 04_score_based_models/langevin.py --dataset 8gaussians --steps 3000  (2-D, 10 to 26 s on a 2-core CPU)
 CPU recipe: python 04_score_based_models/langevin.py --steps 2000 --channels 16 --steps-per-level 10 --eps 5e-5
 Measured on a 2-core CPU: 9 min 45 s by the script's clocks (447 s training, 138 s sampling 1000 digits); FID 396.4 at N = 1000, IS 5.43,
 confident 0.536: blobs and strokes, not recognizable digits. Demo: share of the 0.8 mode 0.516 plain, 0.777 annealed.
