@@ -37,6 +37,13 @@ SHARED = {  # name: owner file (relative to the repository root)
     "dequantize": "03_normalizing_flows/realnvp.py",  # uniform dequantization, also in glow.py, maf.py and score_sde.py
     "bits_per_dim": "03_normalizing_flows/realnvp.py",  # -log p(y) + D log 256 in bits per dimension, also in glow.py, maf.py and score_sde.py
 }
+DIFFUSION = "05_diffusion_models/ddpm.py"
+SCOPED = {  # name: (owner, the folders whose scripts must copy it); other folders may use the name for other code
+    name: (DIFFUSION, ("05_diffusion_models",)) for name in  # DDPM's U-Net and schedule, in ddim.py, guidance.py and noise_schedules.py
+    ["ints", "timestep_embedding", "norm", "Attention", "ResBlock", "UNet", "linear_betas", "alpha_bar", "per_sample", "q_sample", "q_posterior", "ema_update"]
+} | {
+    "ddim_step": ("05_diffusion_models/ddim.py", ("05_diffusion_models",)),  # the DDIM update, also the guided sampler's
+}
 
 
 def course_scripts():
@@ -65,19 +72,25 @@ def definitions(path):
     return found
 
 
+def shared_names():
+    """name -> (owner, folders it is shared in, or None for everywhere)."""
+    return {name: (owner, None) for name, owner in SHARED.items()} | SCOPED
+
+
 def copies():
     """(name, owner path, copy path) for every copy of a shared name outside its owner."""
     result = []
     for script in course_scripts():
         defs = definitions(script)
-        for name, owner in SHARED.items():
-            if name in defs and script != ROOT / owner:
+        folder = script.relative_to(ROOT).parts[0]
+        for name, (owner, folders) in shared_names().items():
+            if name in defs and script != ROOT / owner and (folders is None or folder in folders):
                 result.append((name, ROOT / owner, script))
     return result
 
 
 def test_owners_define_their_names():
-    for name, owner in SHARED.items():
+    for name, (owner, _) in shared_names().items():
         if (ROOT / owner).exists():  # an owner in a folder not written yet is skipped until it exists
             assert name in definitions(ROOT / owner), f"{owner} should define {name}"
 
