@@ -28,15 +28,17 @@ Measured on a 2-core CPU: 18 min 25 s (wall, whole command) = training 13 min 37
 1000 images x 200 steps 4 min 45 s; FID 28.8 (N = 1000), 77.8 % confident, just short of the 80 % target, every class >= 8.6 %;
 with --sample-only --eval-nll: test NLL bound 2.53 bits/dim on N = 100 test digits in 27 s. The recipe shortens the chain to
 T = 200 because sampling costs T network calls per image: T = 1000 would take about 24 min here (extrapolated, linear in T).
-Writes out/ddpm/: ckpt.pt (with "ema"), samples.png, samples.npz, trajectory.png.
+Writes out/ddpm/: ckpt.pt (with "ema"), samples.png, samples.npz, trajectory.png, chain.svg (the README's chain figure).
 """
 
 import argparse
+import base64
 import copy
 import dataclasses
 import gzip
 import hashlib
 import inspect
+import io
 import math
 import os
 import re
@@ -428,7 +430,12 @@ def train(cfg):
     save_grid(samples[:64], out / "samples.png", nrow=8)
     np.savez_compressed(out / "samples.npz", images=(samples * 255).round().byte().numpy())
     save_grid((torch.stack(frames) + 1) / 2, out / "trajectory.png", nrow=len(frames) // 2, scale=3)
-    print(f"wrote {out / 'samples.png'}, {out / 'samples.npz'} and {out / 'trajectory.png'} (top: x_t from t = T to 1; bottom: predicted x0)")
+    ts = [0] + sorted(torch.linspace(cfg.timesteps, 1, len(frames) // 2).round().long().tolist())  # the frames' steps, ascending
+    forward = [q_sample(x_train[:1], torch.tensor([t], device=device), torch.randn_like(x_train[:1]), ddpm.betas)[0, 0] for t in ts]
+    reverse = [samples[0, 0] * 2 - 1] + [f[0] for f in frames[:len(frames) // 2][::-1]]  # final x0, then x_t for t ascending
+    save_chain_svg(forward, reverse, ts, out / "chain.svg")
+    print(f"wrote {out / 'samples.png'}, {out / 'samples.npz'}, {out / 'trajectory.png'} (top: x_t from t = T to 1; bottom: "
+          f"predicted x0) and {out / 'chain.svg'}")
 
     if cfg.eval_nll:
         x_test = load_mnist(cfg.data_dir, train=False)[0][:cfg.nll_images].to(device).float().div(127.5).sub(1).unsqueeze(1)
@@ -439,6 +446,37 @@ def train(cfg):
               f"{steps_kl:.3f} + L_0 {decoder:.3f}; {results['nll_time']:.0f} s ({cfg.timesteps} network calls per image)")
     checkpoint()
     return results
+
+
+def save_chain_svg(forward, reverse, ts, path, size=56):
+    """The README's chain figure, drawn from this run: top row, a training digit noised by q(x_t | x0) at the steps
+    ts, more noise to the right; bottom row, one sample's reverse trajectory at the same steps, its final x0 on the
+    left. forward, reverse: (len(ts), 28, 28) in [-1, 1]; ts ascending, ts[0] = 0. PNGs are embedded: it stands alone."""
+    def png(img):  # (28, 28) in [-1, 1] -> a data URI
+        buffer = io.BytesIO()
+        Image.fromarray(((img.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    gap, left, width = 8, 150, 150 + len(ts) * (size + 8) + 10
+    sub = lambda text: f'<tspan baseline-shift="sub" font-size="10">{text}</tspan>'  # noqa: E731
+    rows = [(40, forward, f"data: q(x{sub('t')} | x{sub('0')})"), (size + 120, reverse, f"model: p{sub('θ')}(x{sub('t−1')} | x{sub('t')})")]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{2 * size + 160}" viewBox="0 0 {width} {2 * size + 160}" '
+             'font-family="Helvetica, Arial, sans-serif" font-size="13">', '<rect width="100%" height="100%" fill="white"/>',
+             '<defs><marker id="head" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto">'
+             '<path d="M0,0 L8,4 L0,8 z" fill="#1E293B"/></marker></defs>']
+    for y, images, title in rows:
+        parts.append(f'<text x="10" y="{y + size / 2 + 5}" fill="#1E293B">{title}</text>')
+        for k, (t, img) in enumerate(zip(ts, images)):
+            x = left + k * (size + gap)
+            parts.append(f'<image x="{x}" y="{y}" width="{size}" height="{size}" style="image-rendering:pixelated" href="{png(img)}"/>')
+            parts.append(f'<text x="{x + size / 2}" y="{y + size + 16}" text-anchor="middle" fill="#475569" font-size="11">t = {t}</text>')
+    right = left + len(ts) * (size + gap) - gap
+    parts.append(f'<line x1="{left}" y1="24" x2="{right}" y2="24" stroke="#1E293B" stroke-width="1.5" marker-end="url(#head)"/>')
+    parts.append(f'<text x="{(left + right) / 2}" y="16" text-anchor="middle" fill="#1E293B">forward: add a little Gaussian noise at each step (fixed)</text>')
+    y = 2 * size + 150
+    parts.append(f'<line x1="{right}" y1="{y - 10}" x2="{left}" y2="{y - 10}" stroke="#1E293B" stroke-width="1.5" marker-end="url(#head)"/>')
+    parts.append(f'<text x="{(left + right) / 2}" y="{y + 6}" text-anchor="middle" fill="#1E293B">reverse: the network removes it, one step at a time (learned)</text>')
+    Path(path).write_text("\n".join(parts + ["</svg>"]) + "\n")
 
 
 # --- Plumbing (shared helpers, identical in every script; see tests/test_plumbing.py) ---
