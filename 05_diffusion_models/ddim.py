@@ -4,19 +4,16 @@ DDIM: denoising diffusion implicit models, a fast and deterministic sampler for 
 Paper: Song, Meng and Ermon, "Denoising Diffusion Implicit Models", ICLR 2021, arXiv 2010.02502.
 Builds on: Ho, Jain and Abbeel, "Denoising Diffusion Probabilistic Models", 2020, arXiv 2006.11239 (ddpm.py).
 
-The idea: DDPM's loss only sees the marginals q(x_t | x0), so any forward process with the same marginals has
-the same trained network. DDIM picks a non-Markovian one whose reverse step has a free noise scale eta: eta = 1
-is DDPM's ancestral step, eta = 0 a deterministic map from noise to image. And since only the marginals matter,
-the chain may visit a sub-sequence tau of S of the T training steps: S = 50 network calls instead of T = 1000.
-The deterministic sampler is Euler's method on the probability-flow ODE, so it runs backwards too (inversion:
-image -> x_T -> image) and its noise is a latent space one can interpolate in.
+The idea: DDPM's loss only sees the marginals q(x_t | x0), so any forward process with those marginals shares its trained
+network. DDIM's non-Markovian one has a reverse step with a free noise scale eta (1: DDPM's ancestral step, 0: deterministic)
+on a sub-sequence tau of S of the T training steps (S = 50 network calls, not T = 1000). At eta = 0 it is Euler's method on
+the probability-flow ODE, so it runs backwards too (image -> x_T -> image) and its noise is a latent space to interpolate in.
 
     x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_bar_t)                       (README Eq. 4.7)
     x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_theta(x_t, t) + sigma z,  s < t  (Eq. 4.8)
     sigma = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s)         (Eq. 4.9)
 
 Model: the EMA weights of a ddpm.py checkpoint (--ckpt, default out/ddpm/ckpt.pt); without one, trains ddpm.py's.
-
 Run:   python 05_diffusion_models/ddim.py                  (S = 50, eta = 0 from ddpm.py's model; not measured on a GPU)
        python 05_diffusion_models/ddim.py --eta 1 --sample-steps 1000    (DDPM's sampler with sigma_t^2 = beta_tilde_t)
 CPU recipe: python 05_diffusion_models/ddim.py --sweep
@@ -86,21 +83,19 @@ class Config:
     resume: bool = False  # continue training from out_dir/ckpt.pt
 
     def __post_init__(self):
-        if self.timesteps < 21:
-            raise ValueError(f"need --timesteps >= 21 (so the rescaled beta_T = 20 / T stays below 1), got {self.timesteps}")
-        if not re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res):
-            raise ValueError(f"--channel-mult and --attn-res take comma-separated integers, got {self.channel_mult!r} and {self.attn_res!r}")
+        if self.timesteps < 21 or self.sample_steps < 1 or not self.eta >= 0 or self.skip not in ("uniform", "quadratic"):
+            raise ValueError(f"need --timesteps >= 21 (so the rescaled beta_T = 20 / T < 1), --sample-steps >= 1, --eta >= 0, "
+                             f"--skip uniform or quadratic; got {self.timesteps}, {self.sample_steps}, {self.eta}, {self.skip!r}")
+        if not re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res) or not re.fullmatch(r"\d+(,\d+)*", self.sweep_steps):
+            raise ValueError(f"--channel-mult, --attn-res and --sweep-steps take comma-separated integers, "
+                             f"got {self.channel_mult!r}, {self.attn_res!r} and {self.sweep_steps!r}")
         mult, attn = ints(self.channel_mult), ints(self.attn_res)
         if not mult or len(mult) > 3 or min(mult) < 1 or self.channels < 1 or self.num_res_blocks < 1:
             raise ValueError("need 1 to 3 positive --channel-mult entries (28 halves twice: 28, 14, 7), --channels >= 1, --num-res-blocks >= 1")
         if not set(attn) <= {28 >> k for k in range(len(mult))}:
             raise ValueError(f"--attn-res must be among the resolutions {[28 >> k for k in range(len(mult))]}, got {self.attn_res!r}")
-        if not (0 <= self.ema_decay < 1 and 0 <= self.dropout < 1 and self.grad_clip > 0):
-            raise ValueError("need 0 <= --ema-decay < 1, 0 <= --dropout < 1, --grad-clip > 0")
-        if self.sample_steps < 1 or not self.eta >= 0 or self.skip not in ("uniform", "quadratic") or \
-                not re.fullmatch(r"\d+(,\d+)*", self.sweep_steps) or 0 in ints(self.sweep_steps):
-            raise ValueError(f"need --sample-steps >= 1, --eta >= 0, --skip uniform or quadratic and --sweep-steps as comma-separated "
-                             f"positive integers, got {self.sample_steps}, {self.eta}, {self.skip!r} and {self.sweep_steps!r}")
+        if not (0 <= self.ema_decay < 1 and 0 <= self.dropout < 1 and self.grad_clip > 0) or 0 in ints(self.sweep_steps):
+            raise ValueError("need 0 <= --ema-decay < 1, 0 <= --dropout < 1, --grad-clip > 0 and no 0 in --sweep-steps")
 
 
 def ints(text):  # "1,2,2" -> (1, 2, 2); "" -> ()
@@ -212,7 +207,6 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-
 # --- The method ---
 
 
@@ -261,9 +255,8 @@ def sub_sequence(T, S, skip="uniform"):
 
 
 class DDIM(nn.Module):
-    """DDPM's forward process (its schedule as a buffer) and the DDIM sampler. The loss is DDPM's L_simple, because
-    the non-Markovian process has the same marginals (README Eq. 4.5): a ddpm.py network is a DDIM network. The
-    network is an argument, so the same object samples from a checkpoint and from the tests' closed-form predictor."""
+    """DDPM's schedule (a buffer) and the DDIM sampler. The loss is DDPM's L_simple: the non-Markovian process has the
+    same marginals (README Eq. 4.5). The network is an argument, so a checkpoint or the tests' closed form can drive it."""
 
     def __init__(self, timesteps=1000):
         super().__init__()
@@ -279,10 +272,8 @@ class DDIM(nn.Module):
     def eps_at(self, eps_model, x, t, clip):  # eps_theta(x, t) for a whole batch at the step t; clipped as ddpm.py clips
         ab = alpha_bar(self.betas)[t]
         eps = eps_model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
-        if not clip:
-            return eps
-        x0_hat = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)  # then the eps that this x0_hat implies
-        return (x - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+        x0_hat = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)  # clip: then the eps that this x0_hat implies
+        return (x - ab.sqrt() * x0_hat) / (1 - ab).sqrt() if clip else eps
 
     @torch.no_grad()
     def sample(self, eps_model, xT, S, eta=0.0, skip="uniform", clip=False):
@@ -295,9 +286,8 @@ class DDIM(nn.Module):
 
     @torch.no_grad()
     def invert(self, eps_model, x0, S, skip="uniform"):
-        """DDIM inversion (README Eq. 4.13): the eta = 0 step run up the same tau, from x0 (B, C, H, W) to x_T. The exact
-        inverse of the step t -> s needs eps_theta at the unknown x_t; this uses it at the known x_s (with the step t),
-        an error that vanishes as the steps shrink, like Euler's method run backwards."""
+        """DDIM inversion (README Eq. 4.13): the eta = 0 step run up the same tau, x0 (B, C, H, W) -> x_T. The exact inverse
+        of t -> s needs eps_theta at the unknown x_t; this uses the known x_s (with step t): Euler's method run backwards."""
         ab, tau, x = alpha_bar(self.betas), sub_sequence(self.T, S, skip)[::-1], x0
         for s, t in zip(tau[:-1], tau[1:]):
             x = ddim_step(x, self.eps_at(eps_model, x, t, False), ab[s], ab[t], 0.0, torch.zeros_like(x))
@@ -305,9 +295,8 @@ class DDIM(nn.Module):
 
 
 def slerp(z0, z1, alpha):
-    """Spherical interpolation between two noises at the fraction alpha in [0, 1]. Gaussian noise in D dimensions
-    lies near the sphere of radius sqrt(D); the straight line's midpoint has norm about sqrt(D / 2), noise the
-    model never saw at step T; slerp stays on the sphere (Song et al., section 5.3; Shoemake, 1985)."""
+    """Spherical interpolation of two noises at the fraction alpha in [0, 1] (Shoemake, 1985; Song et al., section 5.3). Noise
+    in D dimensions lies near the sphere of radius sqrt(D), where slerp stays; a straight line's midpoint is off it."""
     theta = torch.arccos((z0 * z1).sum() / (z0.norm() * z1.norm()))
     return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
 
@@ -329,24 +318,23 @@ def load_ddpm(path, device):
         c = ckpt["config"]
         model = UNet(1, c["channels"], ints(c["channel_mult"]), ints(c["attn_res"]), 28, c["num_res_blocks"], c["dropout"])
         model.load_state_dict(ckpt["ema"])
+        print(f"sampling from the EMA weights of {path} (step {ckpt['step']}, T = {c['timesteps']}); no training")
         return model.to(device).requires_grad_(False), int(c["timesteps"]), int(ckpt["step"])
     except Exception as e:  # unreadable file, missing keys, another model's weights: one message, not a traceback
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise SystemExit(f"error: {path} is not a usable ddpm.py checkpoint (an unconditional U-Net with 'config' and 'ema'): "
-                         f"{type(e).__name__}: {reason}")
+                         f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
 
 
-def net(m, cfg, device):
-    """The network in bf16 autocast on CUDA when asked; everything around it stays float32."""
+def net(m, cfg, device):  # the network in bf16 autocast on CUDA when asked; everything around it stays float32
     def eps_model(xt, t):
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
             return m(xt, t).float()
     return eps_model
 
 
-def fit(cfg, ddim, x_train, out, device):
-    """ddpm.py's training loop (Algorithm 1 with EMA), for when there is no checkpoint to reuse: returns the EMA
-    model and a dict of figures. Writes out/ckpt.pt every log_every steps, on Ctrl-C and at the end."""
+def fit(cfg, ddim, out, device):
+    """ddpm.py's training loop (Algorithm 1 with EMA), used when there is no checkpoint: returns (EMA model, figures)."""
+    x_train = load_mnist(cfg.data_dir, train=True)[0].to(device).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
     model = UNet(1, cfg.channels, ints(cfg.channel_mult), ints(cfg.attn_res), 28, cfg.num_res_blocks, cfg.dropout).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -357,7 +345,8 @@ def fit(cfg, ddim, x_train, out, device):
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    print(f"training a U-Net of {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; T = {cfg.timesteps}")
+    print(f"no checkpoint at {cfg.ckpt!r}: training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M-parameter U-Net "
+          f"(T = {cfg.timesteps}) with ddpm.py's loss into {out / 'ckpt.pt'}")
 
     def checkpoint():
         save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
@@ -384,9 +373,8 @@ def fit(cfg, ddim, x_train, out, device):
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                last_loss = float(np.mean(running))
-                bar.write(f"step {step}: L_simple {last_loss:.4f} (mean of the last {len(running)} steps)")
-                running = []
+                bar.write(f"step {step}: L_simple {np.mean(running):.4f} (mean of the last {len(running)} steps)")
+                last_loss, running = float(np.mean(running)), []
                 checkpoint()
     except KeyboardInterrupt:
         checkpoint()
@@ -395,7 +383,7 @@ def fit(cfg, ddim, x_train, out, device):
     checkpoint()
     if not cfg.sample_only:
         print(f"trained {step} steps in {time.time() - t0:.0f} s")
-    return ema, {"step": step, "train_time": time.time() - t0, "loss": last_loss}
+    return ema, {"step": step, "train_time": time.time() - t0, "loss": last_loss, "ckpt": str(out / "ckpt.pt")}
 
 
 def to_unit(x):  # [-1, 1] -> [0, 1], as ddpm.py writes its samples
@@ -407,51 +395,36 @@ def train(cfg):
     np.random.seed(cfg.seed)
     device = pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    reuse = bool(cfg.ckpt) and Path(cfg.ckpt).is_file()
-    if reuse:  # no training: DDIM reuses DDPM's network (README Eq. 4.5, 4.6)
-        model, T, step = load_ddpm(cfg.ckpt, device)
-        print(f"sampling from the EMA weights of {cfg.ckpt} (step {step}, T = {T}); no training")
-    T = T if reuse else cfg.timesteps
+    reuse = bool(cfg.ckpt) and Path(cfg.ckpt).is_file()  # then no training: DDIM reuses DDPM's network (README Eq. 4.5, 4.6)
+    model, T, step = load_ddpm(cfg.ckpt, device) if reuse else (None, cfg.timesteps, 0)
     if cfg.sample_steps > T:
         raise SystemExit(f"error: --sample-steps {cfg.sample_steps} is more than the model's T = {T} steps")
     out.mkdir(parents=True, exist_ok=True)
     ddim = DDIM(T).to(device)
-    if reuse:
-        results = {"ckpt": cfg.ckpt, "step": step}
-    else:
-        print(f"no checkpoint at {cfg.ckpt!r}: training one with ddpm.py's loss into {out / 'ckpt.pt'}")
-        x_train = load_mnist(cfg.data_dir, train=True)[0].to(device).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
-        model, results = fit(cfg, ddim, x_train, out, device)
-        results["ckpt"] = str(out / "ckpt.pt")
+    model, results = (model, {"ckpt": cfg.ckpt, "step": step}) if reuse else fit(cfg, ddim, out, device)
     eps_model = net(model.eval(), cfg, device)
 
     # 1. samples: S network calls per image, from the same x_T for every S of the sweep (README Eq. 4.10)
-    settings = sorted({min(S, T) for S in ints(cfg.sweep_steps)}) if cfg.sweep else [cfg.sample_steps]
     results["samples"] = {}
-    for S in settings:
+    for S in sorted({min(s, T) for s in ints(cfg.sweep_steps)}) if cfg.sweep else [cfg.sample_steps]:
         torch.manual_seed(cfg.seed)
         xT = torch.randn(cfg.num_samples, 1, 28, 28, device=device)  # (N, 1, 28, 28)
         t0 = time.time()
         x = torch.cat([ddim.sample(eps_model, xT[i:i + 250], S, cfg.eta, cfg.skip, cfg.clip) for i in range(0, len(xT), 250)])
-        seconds = time.time() - t0  # 250 at a time: on a CPU, larger batches ran slower per image (ddpm.py)
+        results["samples"][S] = seconds = time.time() - t0  # 250 at a time: larger batches ran slower on a CPU (ddpm.py)
         name = f"samples_{S}" if cfg.sweep else "samples"
         save_grid(to_unit(x[:64]), out / f"{name}.png", nrow=8)
         np.savez_compressed(out / f"{name}.npz", images=(to_unit(x) * 255).round().byte().numpy())
-        results["samples"][S] = seconds
-        print(f"S = {S}: {len(x)} samples in {seconds:.1f} s; wrote {out / name}.png and .npz")
-    print(f"\n{'S':>6} {'network calls':>14} {'seconds':>9} {'s per image':>12}   (eta = {cfg.eta}, {cfg.skip} tau, N = {cfg.num_samples})")
-    for S, seconds in results["samples"].items():
-        print(f"{S:>6} {S:>14} {seconds:>9.1f} {seconds / cfg.num_samples:>12.4f}")
+        print(f"S = {S}: {len(x)} samples in {seconds:.1f} s ({seconds / len(x):.4f} s each); wrote {out / name}.png and .npz")
 
     # 2. inversion: the first 8 test digits -> x_T -> back, eta = 0 both ways, S steps each (README Eq. 4.13)
     S = cfg.sample_steps
     x0 = load_mnist(cfg.data_dir, train=False)[0][:8].to(device).float().div(127.5).sub(1).unsqueeze(1)  # (8, 1, 28, 28)
     xT = ddim.invert(eps_model, x0, S, cfg.skip)
     x0_rec = ddim.sample(eps_model, xT, S, 0.0, cfg.skip)
-    results["inversion_rmse"] = ((x0_rec.clamp(-1, 1) - x0) * 127.5).pow(2).mean().sqrt().item()
+    results["inversion_rmse"] = rmse = ((x0_rec.clamp(-1, 1) - x0) * 127.5).pow(2).mean().sqrt().item()  # pixel values 0..255
     save_grid(torch.cat([to_unit(x0), ((xT.clamp(-3, 3) + 3) / 6).cpu(), to_unit(x0_rec)]), out / "inversion.png", nrow=8)
-    print(f"inversion at S = {S}: reconstruction RMSE {results['inversion_rmse']:.2f} (pixel values 0..255); x_T has mean "
-          f"{xT.mean():.3f} and std {xT.std():.3f}; wrote {out / 'inversion.png'} (rows: digit, x_T, reconstruction)")
+    print(f"inversion at S = {S}: RMSE {rmse:.2f} (of 0..255); x_T mean {xT.mean():.3f}, std {xT.std():.3f}; wrote {out / 'inversion.png'}")
 
     # 3. the latent space: slerp between two x_T, each decoded with eta = 0
     z = torch.randn(2, 1, 28, 28, device=device)
@@ -616,8 +589,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    return train(cfg)
+    return train(parse_config(Config, argv))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,17 @@
 """
 DDPM: denoising diffusion probabilistic models, the course's flagship, on MNIST.
 
-Paper: Ho, Jain and Abbeel, "Denoising Diffusion Probabilistic Models", 2020, arXiv 2006.11239.
-Architecture: Ronneberger, Fischer and Brox, "U-Net", 2015, arXiv 1505.04597, in the PixelCNN++ /
-Wide ResNet form that Ho et al. use (GroupNorm, sinusoidal time embedding, self-attention).
+Paper: Ho, Jain and Abbeel, "Denoising Diffusion Probabilistic Models", 2020, arXiv 2006.11239. Network: a U-Net (Ronneberger,
+Fischer and Brox, 2015, arXiv 1505.04597) in Ho et al.'s PixelCNN++ form (GroupNorm, sinusoidal time embedding, self-attention).
 
-The idea: a fixed forward process adds a little Gaussian noise at each of T = 1000 steps until a digit
-is pure noise; a network learns to undo one step. Because every marginal q(x_t | x0) is Gaussian in
-closed form, training is one line: noise a digit to a random step t and regress the noise that was added
-(Algorithm 1). Sampling walks the chain backwards from N(0, I), one network call per step (Algorithm 2).
-The same model gives a variational bound on the test log-likelihood, summed over all T steps (--eval-nll).
+The idea: a fixed forward process adds a little Gaussian noise at each of T = 1000 steps until a digit is pure noise; a network
+learns to undo one step. Every q(x_t | x0) is Gaussian in closed form, so training noises a digit to a random step t and regresses
+the noise (Algorithm 1); sampling walks back from N(0, I), one network call per step (Algorithm 2), with an EMA of the weights.
 
     q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I)                       (README Eq. 1.4)
     q(x_{t-1} | x_t, x0) = N(mu_tilde_t(x_t, x0), beta_tilde_t I)                     (README Eq. 2.4, 2.5)
     L_simple = E_{t, x0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2   (Eq. 2.13)
     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z   (Eq. 3.1)
-
-Choices: digits at their native 28 x 28 (two halvings give 14 and 7, so no padding is needed and no pixel
-is wasted), scaled to [-1, 1]; sigma_t^2 = beta_t (--sigma beta, the paper's CIFAR-10 choice) or beta_tilde_t
-(--sigma posterior), with sigma_1^2 = beta_1 for the decoder at t = 1 either way; the predicted x0 clipped
-to [-1, 1] inside each step (--clip, as the authors' code does); samples from an EMA of the weights.
 
 Run:   python 05_diffusion_models/ddpm.py                       (defaults sized for one GPU; not measured on a GPU)
        python 05_diffusion_models/ddpm.py --sample-only --eval-nll   (test NLL bound in bits/dim)
@@ -78,7 +70,7 @@ class Config:
     dropout: float = 0.0  # dropout inside the residual blocks (Ho et al.: 0.1 on CIFAR-10)
     timesteps: int = 1000  # T, the length of the chain; betas are rescaled by 1000 / T (README Eq. 1.6)
     sigma: str = "beta"  # reverse-step variance sigma_t^2: beta (beta_t) | posterior (beta_tilde_t) (README Eq. 3.3)
-    clip: bool = True  # clip the predicted x0 to [-1, 1] inside each reverse step
+    clip: bool = True  # clip the predicted x0 to [-1, 1] inside each reverse step (as Ho et al.'s released code does)
     ema_decay: float = 0.9995  # EMA of the weights used for sampling, with warm-up min(decay, (1 + n) / (10 + n))
     grad_clip: float = 1.0  # clip the gradient norm (Ho et al.: 1.0)
     num_samples: int = 1000  # samples written to samples.npz (T network calls each)
@@ -88,19 +80,19 @@ class Config:
     sample_only: bool = False  # skip training; sample from out_dir/ckpt.pt
     resume: bool = False  # continue training from out_dir/ckpt.pt
 
-    def __post_init__(self):
-        if self.timesteps < 21 or self.sigma not in ("beta", "posterior"):
-            raise ValueError(f"need --timesteps >= 21 (so the rescaled beta_T = 20 / T stays below 1) and --sigma beta or posterior, "
-                             f"got {self.timesteps} and {self.sigma!r}")
-        if not re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res):
-            raise ValueError(f"--channel-mult and --attn-res take comma-separated integers, got {self.channel_mult!r} and {self.attn_res!r}")
-        mult, attn = ints(self.channel_mult), ints(self.attn_res)
-        if not mult or len(mult) > 3 or min(mult) < 1 or self.channels < 1 or self.num_res_blocks < 1:
-            raise ValueError("need 1 to 3 positive --channel-mult entries (28 halves twice: 28, 14, 7), --channels >= 1, --num-res-blocks >= 1")
-        if not set(attn) <= {28 >> k for k in range(len(mult))}:
-            raise ValueError(f"--attn-res must be among the resolutions {[28 >> k for k in range(len(mult))]}, got {self.attn_res!r}")
-        if not (0 <= self.ema_decay < 1 and 0 <= self.dropout < 1 and self.grad_clip > 0 and self.nll_images >= 1):
-            raise ValueError("need 0 <= --ema-decay < 1, 0 <= --dropout < 1, --grad-clip > 0, --nll-images >= 1")
+    def __post_init__(self):  # parse_config turns a ValueError into one usage message
+        mult = ints(self.channel_mult) if re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res) else ()
+        res = (28, 14, 7)[:len(mult)]  # the resolutions of the levels: 28 halves at most twice
+        rules = {f"--timesteps >= 21, so beta_T = 20 / T < 1 (got {self.timesteps})": self.timesteps >= 21,
+                 f"--sigma beta or posterior (got {self.sigma!r})": self.sigma in ("beta", "posterior"),
+                 f"--channel-mult: 1 to 3 comma-separated positive integers (got {self.channel_mult!r})":
+                     0 < len(mult) <= 3 and min(mult) >= 1,
+                 f"--attn-res among {res or (28, 14, 7)} (got {self.attn_res!r})": bool(mult) and set(ints(self.attn_res)) <= set(res),
+                 "--ema-decay and --dropout in [0, 1), --grad-clip > 0": 0 <= self.ema_decay < 1 and 0 <= self.dropout < 1
+                 and self.grad_clip > 0,
+                 "--channels, --num-res-blocks, --nll-images >= 1": min(self.channels, self.num_res_blocks, self.nll_images) >= 1}
+        if not all(rules.values()):  # name every rule that is broken
+            raise ValueError("need " + "; ".join(rule for rule, ok in rules.items() if not ok))
 
 
 def ints(text):  # "1,2,2" -> (1, 2, 2); "" -> ()
@@ -257,16 +249,13 @@ def gaussian_kl(mean1, var1, mean2, var2):
 def discretized_gaussian_log_prob(x, mean, var):
     """log of the probability that N(mean, var) gives to the bin of width 2/255 around x, the pixel values
     x in {-1, -1 + 2/255, ..., 1}; the outer bins reach to -inf and +inf, so the 256 bins sum to 1 (Eq. 2.15)."""
-    std = var.sqrt()
-    upper = torch.where(x > 0.999, torch.ones_like(x), torch.special.ndtr((x + 1 / 255 - mean) / std))
-    lower = torch.where(x < -0.999, torch.zeros_like(x), torch.special.ndtr((x - 1 / 255 - mean) / std))
+    upper = torch.where(x > 0.999, torch.ones_like(x), torch.special.ndtr((x + 1 / 255 - mean) / var.sqrt()))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), torch.special.ndtr((x - 1 / 255 - mean) / var.sqrt()))
     return torch.log((upper - lower).clamp(min=1e-12))
 
 
 class DDPM(nn.Module):
-    """The fixed forward process (its schedule as a buffer) and what a noise predictor eps_model(x_t, t) does with
-    it: the loss (Algorithm 1), the sampler (Algorithm 2) and the variational bound. The network is an argument,
-    so the same object trains the model, samples from its EMA copy, and runs the tests' closed-form predictor."""
+    """The forward process (a buffer) and what a noise predictor does with it; eps_model is an argument: net, EMA or a test's."""
 
     def __init__(self, timesteps=1000, sigma="beta", clip=True):
         super().__init__()
@@ -285,51 +274,39 @@ class DDPM(nn.Module):
         sigma_t^2 = beta_t or beta_tilde_t (Eq. 3.3), beta_1 at t = 1 either way (beta_tilde_1 = 0). Also returns x0_hat."""
         ab = per_sample(alpha_bar(self.betas)[t], xt)
         x0_hat = (xt - (1 - ab).sqrt() * eps_model(xt, t).to(xt.dtype)) / ab.sqrt()  # Eq. 2.11 solved for x0
-        if self.clip:
-            x0_hat = x0_hat.clamp(-1, 1)
+        x0_hat = x0_hat.clamp(-1, 1) if self.clip else x0_hat
         mean, posterior_var = q_posterior(x0_hat, xt, t, self.betas)
-        beta = per_sample(self.betas[t], xt)
-        var = beta if self.sigma == "beta" else torch.where(per_sample(t, xt) == 1, beta, posterior_var)
+        var = torch.where((per_sample(t, xt) == 1) | (self.sigma == "beta"), per_sample(self.betas[t], xt), posterior_var)
         return mean, var, x0_hat
 
     @torch.no_grad()
     def sample(self, eps_model, shape, frames=0):
-        """Algorithm 2: x_T ~ N(0, I); for t = T, ..., 1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I),
-        and no noise at the last step (Eq. 3.1). With frames > 0 also returns `frames` snapshots of sample 0,
-        x_t and x0_hat, at evenly spaced t from T down to 1."""
-        x = torch.randn(shape, device=self.betas.device)  # x_T
-        keep = set(torch.linspace(self.T, 1, frames).round().long().tolist()) if frames else set()
-        xs, x0s = [], []
+        """Algorithm 2: x_T ~ N(0, I); for t = T, ..., 1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I), no noise at the
+        last step (Eq. 3.1). Also returns `frames` snapshots of sample 0 (x_t, then x0_hat) at evenly spaced t from T to 1."""
+        x, snaps = torch.randn(shape, device=self.betas.device), []  # x_T
+        keep = set(torch.linspace(self.T, 1, frames).round().long().tolist())
         for t in range(self.T, 0, -1):
-            tt = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
-            mean, var, x0_hat = self.p_mean_var(eps_model, x, tt)
-            if t in keep:
-                xs.append(x[0])
-                x0s.append(x0_hat[0])
+            mean, var, x0_hat = self.p_mean_var(eps_model, x, torch.full((shape[0],), t, device=x.device, dtype=torch.long))
+            snaps += [(x[0], x0_hat[0])] if t in keep else []
             x = mean + var.sqrt() * torch.randn_like(x) if t > 1 else mean
-        return x, xs + x0s
+        return x, [s[0] for s in snaps] + [s[1] for s in snaps]
 
     @torch.no_grad()
     def nll_bound(self, eps_model, x0, discrete=True):
-        """The variational bound on -log p_theta(x0), in nats per image, as its three parts (each (B,)) (Eq. 2.8):
-        L_T = KL(q(x_T | x0) || N(0, I)); sum_{t=2}^T L_{t-1}, L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t))
-        at one draw x_t ~ q(x_t | x0) per t; L_0 = -log p_theta(x0 | x_1), the discretized decoder (Eq. 2.15) or, for
-        continuous data (discrete=False), the Gaussian density. T network calls per image."""
+        """The bound on -log p_theta(x0) in nats per image, as three (B,) parts (Eq. 2.8): L_T = KL(q(x_T | x0) || N(0, I)); the
+        sum over t = 2..T of L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)), one x_t ~ q(x_t | x0) per t; and L_0 =
+        -log p_theta(x0 | x_1), discretized (Eq. 2.15) or, with discrete=False, Gaussian. T network calls per image."""
         b, ab = x0.shape[0], alpha_bar(self.betas)
         prior_kl = gaussian_kl(ab[-1].sqrt() * x0, (1 - ab[-1]).expand_as(x0), torch.zeros_like(x0), torch.ones_like(x0))
         steps_kl = torch.zeros(b, dtype=x0.dtype, device=x0.device)
-        for t in range(self.T, 1, -1):
+        for t in range(self.T, 0, -1):
             tt = torch.full((b,), t, device=x0.device, dtype=torch.long)
             xt = q_sample(x0, tt, torch.randn_like(x0), self.betas)
-            mean_q, var_q = q_posterior(x0, xt, tt, self.betas)
-            mean_p, var_p, _ = self.p_mean_var(eps_model, xt, tt)
-            steps_kl += gaussian_kl(mean_q, var_q, mean_p, var_p).flatten(1).sum(1)
-        ones = torch.ones(b, device=x0.device, dtype=torch.long)
-        mean, var, _ = self.p_mean_var(eps_model, q_sample(x0, ones, torch.randn_like(x0), self.betas), ones)
-        if discrete:
-            decoder = discretized_gaussian_log_prob(x0.double(), mean.double(), var.double()).to(x0.dtype)
-        else:
-            decoder = -0.5 * (torch.log(2 * math.pi * var) + (x0 - mean) ** 2 / var)
+            mean, var, _ = self.p_mean_var(eps_model, xt, tt)
+            if t > 1:  # at t = 1, mean and var are the decoder's
+                steps_kl += gaussian_kl(*q_posterior(x0, xt, tt, self.betas), mean, var).flatten(1).sum(1)
+        decoder = (discretized_gaussian_log_prob(x0.double(), mean.double(), var.double()).to(x0.dtype) if discrete
+                   else -0.5 * (torch.log(2 * math.pi * var) + (x0 - mean) ** 2 / var))
         return prior_kl.flatten(1).sum(1), steps_kl, -decoder.flatten(1).sum(1)
 
 
@@ -345,10 +322,8 @@ def ema_update(ema, model, decay):
 
 def eval_nll(ddpm, model, x_test, batch_size):
     """Eq. 2.17: the bound in bits per dimension on the given test digits, and its three parts in bits per dimension."""
-    parts = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(x_test), batch_size):
-        parts += torch.stack([p.double().sum().cpu() for p in ddpm.nll_bound(model, x_test[i:i + batch_size])])
-    parts /= len(x_test) * x_test[0].numel() * math.log(2)
+    parts = sum(torch.stack([p.double().sum().cpu() for p in ddpm.nll_bound(model, x_test[i:i + batch_size])])
+                for i in range(0, len(x_test), batch_size)) / (len(x_test) * x_test[0].numel() * math.log(2))
     return parts.sum().item(), parts.tolist()
 
 
@@ -356,10 +331,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = pick_device(cfg.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out_dir)  # save_grid and save_checkpoint create it
     x_train = load_mnist(cfg.data_dir, train=True)[0].to(device).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
-
     model = UNet(1, cfg.channels, ints(cfg.channel_mult), ints(cfg.attn_res), 28, cfg.num_res_blocks, cfg.dropout).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     ddpm = DDPM(cfg.timesteps, cfg.sigma, cfg.clip).to(device)
@@ -367,9 +340,8 @@ def train(cfg):
     step = 0
     if cfg.resume or cfg.sample_only:
         ckpt = load_checkpoint(out / "ckpt.pt", device)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        for part, name in [(model, "model"), (ema, "ema"), (optimizer, "optimizer")]:
+            part.load_state_dict(ckpt[name])
         step = ckpt["step"]
     print(f"U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; T = {cfg.timesteps}")
 
@@ -377,11 +349,8 @@ def train(cfg):
         save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                                           "config": asdict(cfg), "step": step})
 
-    def net(m):  # the network in bf16 autocast on CUDA when asked; everything around it stays float32
-        def eps_model(xt, t):
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                return m(xt, t).float()
-        return eps_model
+    def net(m):  # m run in bf16 autocast on CUDA when asked (autocast as a decorator); DDPM casts its output back to float32
+        return torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda")(m)
 
     t0, running, last_loss = time.time(), [], float("nan")
     bar = tqdm(total=0 if cfg.sample_only else cfg.steps, initial=step, desc="ddpm")
@@ -404,79 +373,69 @@ def train(cfg):
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                last_loss = float(np.mean(running))
-                bar.write(f"step {step}: L_simple {last_loss:.4f} (mean of the last {len(running)} steps)")
-                running = []
+                bar.write(f"step {step}: L_simple {np.mean(running):.4f} (mean of the last {len(running)} steps)")
+                last_loss, running = float(np.mean(running)), []
                 checkpoint()
     except KeyboardInterrupt:
         checkpoint()
         raise SystemExit(f"interrupted at step {step}; checkpoint saved to {out / 'ckpt.pt'}")
     bar.close()
-    train_time = time.time() - t0
+    results = {"step": step, "train_time": time.time() - t0, "loss": last_loss}
     if not cfg.sample_only:
-        print(f"trained {step} steps in {train_time:.0f} s")
-    results = {"step": step, "train_time": train_time, "loss": last_loss}
+        print(f"trained {step} steps in {results['train_time']:.0f} s")
 
-    # samples from the EMA weights: T network calls per batch (Algorithm 2)
-    ema.eval()
-    t0, chunks, frames = time.time(), [], []
+    eps_model, t0, chunks, frames = net(ema.eval()), time.time(), [], []  # samples from the EMA weights (Algorithm 2)
     for i in range(0, cfg.num_samples, 250):  # 250 at a time: on a CPU, larger batches ran slower per image
-        x, snaps = ddpm.sample(net(ema), (min(250, cfg.num_samples - i), 1, 28, 28), frames=10 if i == 0 else 0)
+        x, snaps = ddpm.sample(eps_model, (min(250, cfg.num_samples - i), 1, 28, 28), frames=10 if i == 0 else 0)
         chunks.append(((x + 1) / 2).clamp(0, 1).cpu())  # [-1, 1] -> [0, 1]
         frames = frames or snaps
     samples = torch.cat(chunks)
     results["sample_time"] = time.time() - t0
-    print(f"sampled {len(samples)} images with {cfg.timesteps} steps in {results['sample_time']:.0f} s")
     save_grid(samples[:64], out / "samples.png", nrow=8)
     np.savez_compressed(out / "samples.npz", images=(samples * 255).round().byte().numpy())
-    save_grid((torch.stack(frames) + 1) / 2, out / "trajectory.png", nrow=len(frames) // 2, scale=3)
+    save_grid((torch.stack(frames) + 1) / 2, out / "trajectory.png", nrow=len(frames) // 2, scale=3)  # top: x_t, bottom: x0_hat
     ts = [0] + sorted(torch.linspace(cfg.timesteps, 1, len(frames) // 2).round().long().tolist())  # the frames' steps, ascending
     forward = [q_sample(x_train[:1], torch.tensor([t], device=device), torch.randn_like(x_train[:1]), ddpm.betas)[0, 0] for t in ts]
     reverse = [samples[0, 0] * 2 - 1] + [f[0] for f in frames[:len(frames) // 2][::-1]]  # final x0, then x_t for t ascending
     save_chain_svg(forward, reverse, ts, out / "chain.svg")
-    print(f"wrote {out / 'samples.png'}, {out / 'samples.npz'}, {out / 'trajectory.png'} (top: x_t from t = T to 1; bottom: "
-          f"predicted x0) and {out / 'chain.svg'}")
+    print(f"{len(samples)} samples in {results['sample_time']:.0f} s; wrote samples.png/.npz, trajectory.png, chain.svg to {out}")
 
     if cfg.eval_nll:
         x_test = load_mnist(cfg.data_dir, train=False)[0][:cfg.nll_images].to(device).float().div(127.5).sub(1).unsqueeze(1)
         t0 = time.time()
-        bpd, (prior, steps_kl, decoder) = eval_nll(ddpm, net(ema), x_test, batch_size=500)
+        bpd, (prior, steps_kl, decoder) = eval_nll(ddpm, eps_model, x_test, batch_size=500)
         results.update(nll_bpd=bpd, nll_time=time.time() - t0)
-        print(f"test NLL bound on N = {len(x_test)} test digits: {bpd:.3f} bits/dim = L_T {prior:.5f} + sum of L_t-1 "
-              f"{steps_kl:.3f} + L_0 {decoder:.3f}; {results['nll_time']:.0f} s ({cfg.timesteps} network calls per image)")
+        print(f"test NLL bound on {len(x_test)} digits: {bpd:.3f} bits/dim = L_T {prior:.5f} + L_1..T-1 {steps_kl:.3f} + L_0 "
+              f"{decoder:.3f}, in {results['nll_time']:.0f} s ({cfg.timesteps} network calls per image)")
     checkpoint()
     return results
 
 
 def save_chain_svg(forward, reverse, ts, path, size=56):
-    """The README's chain figure, drawn from this run: top row, a training digit noised by q(x_t | x0) at the steps
-    ts, more noise to the right; bottom row, one sample's reverse trajectory at the same steps, its final x0 on the
-    left. forward, reverse: (len(ts), 28, 28) in [-1, 1]; ts ascending, ts[0] = 0. PNGs are embedded: it stands alone."""
+    """The README's chain figure, PNGs embedded: forward (a training digit noised by q) over reverse (one sample's trajectory,
+    its x0 on the left), each (len(ts), 28, 28) in [-1, 1] at the steps ts, ascending from ts[0] = 0."""
     def png(img):  # (28, 28) in [-1, 1] -> a data URI
         buffer = io.BytesIO()
         Image.fromarray(((img.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
-    gap, left, width = 8, 150, 150 + len(ts) * (size + 8) + 10
     sub = lambda text: f'<tspan baseline-shift="sub" font-size="10">{text}</tspan>'  # noqa: E731
-    rows = [(40, forward, f"data: q(x{sub('t')} | x{sub('0')})"), (size + 120, reverse, f"model: p{sub('θ')}(x{sub('t−1')} | x{sub('t')})")]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{2 * size + 160}" viewBox="0 0 {width} {2 * size + 160}" '
-             'font-family="Helvetica, Arial, sans-serif" font-size="13">', '<rect width="100%" height="100%" fill="white"/>',
-             '<defs><marker id="head" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto">'
-             '<path d="M0,0 L8,4 L0,8 z" fill="#1E293B"/></marker></defs>']
-    for y, images, title in rows:
-        parts.append(f'<text x="10" y="{y + size / 2 + 5}" fill="#1E293B">{title}</text>')
-        for k, (t, img) in enumerate(zip(ts, images)):
-            x = left + k * (size + gap)
-            parts.append(f'<image x="{x}" y="{y}" width="{size}" height="{size}" style="image-rendering:pixelated" href="{png(img)}"/>')
-            parts.append(f'<text x="{x + size / 2}" y="{y + size + 16}" text-anchor="middle" fill="#475569" font-size="11">t = {t}</text>')
-    right = left + len(ts) * (size + gap) - gap
-    parts.append(f'<line x1="{left}" y1="24" x2="{right}" y2="24" stroke="#1E293B" stroke-width="1.5" marker-end="url(#head)"/>')
-    parts.append(f'<text x="{(left + right) / 2}" y="16" text-anchor="middle" fill="#1E293B">forward: add a little Gaussian noise at each step (fixed)</text>')
-    y = 2 * size + 150
-    parts.append(f'<line x1="{right}" y1="{y - 10}" x2="{left}" y2="{y - 10}" stroke="#1E293B" stroke-width="1.5" marker-end="url(#head)"/>')
-    parts.append(f'<text x="{(left + right) / 2}" y="{y + 6}" text-anchor="middle" fill="#1E293B">reverse: the network removes it, one step at a time (learned)</text>')
-    Path(path).write_text("\n".join(parts + ["</svg>"]) + "\n")
+    left, right, w, h = 150, 150 + len(ts) * (size + 8) - 8, 160 + len(ts) * (size + 8), 2 * size + 160  # 8-pixel gaps
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           'font-family="Helvetica, Arial, sans-serif" font-size="13">', '<rect width="100%" height="100%" fill="white"/>',
+           '<defs><marker id="head" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto">'
+           '<path d="M0,0 L8,4 L0,8 z" fill="#1E293B"/></marker></defs>']
+    for y, images, title in [(40, forward, f"data: q(x{sub('t')} | x{sub('0')})"),
+                             (size + 120, reverse, f"model: p{sub('θ')}(x{sub('t−1')} | x{sub('t')})")]:
+        svg.append(f'<text x="10" y="{y + size / 2 + 5}" fill="#1E293B">{title}</text>')
+        svg += [f'<image x="{x}" y="{y}" width="{size}" height="{size}" style="image-rendering:pixelated" href="{png(img)}"/>\n'
+                f'<text x="{x + size / 2}" y="{y + size + 16}" text-anchor="middle" fill="#475569" font-size="11">t = {t}</text>'
+                for x, t, img in zip(range(left, right, size + 8), ts, images)]  # an image and its step, 8 pixels apart
+    for x1, x2, y, ty, caption in [(left, right, 24, 16, "forward: add a little Gaussian noise at each step (fixed)"),
+                                   (right, left, h - 20, h - 4, "reverse: the network removes it, one step at a time (learned)")]:
+        svg += [f'<line x1="{x1}" y1="{y}" x2="{x2}" y2="{y}" stroke="#1E293B" stroke-width="1.5" marker-end="url(#head)"/>',
+                f'<text x="{(left + right) / 2}" y="{ty}" text-anchor="middle" fill="#1E293B">{caption}</text>']
+    Path(path).write_text("\n".join(svg + ["</svg>"]) + "\n")
 
 
 # --- Plumbing (shared helpers, identical in every script; see tests/test_plumbing.py) ---
@@ -634,8 +593,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    return train(cfg)
+    return train(parse_config(Config, argv))
 
 
 if __name__ == "__main__":

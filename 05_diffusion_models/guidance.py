@@ -5,21 +5,14 @@ Papers: Dhariwal and Nichol, "Diffusion Models Beat GANs on Image Synthesis", 20
 guidance); Ho and Salimans, "Classifier-Free Diffusion Guidance", 2022, arXiv 2207.12598. Built on ddpm.py
 (Ho et al. 2020, arXiv 2006.11239) and sampled with DDIM's update (Song et al. 2021, arXiv 2010.02502, ddim.py).
 
-The idea: Bayes' rule on scores, grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t), turns an unconditional
-noise predictor into a conditional one if something supplies grad log p(y | x_t). Classifier guidance trains a
-classifier p_phi(y | x_t, t) on noisy digits and adds s times its gradient; classifier-free guidance trains one U-Net
-with labels dropped to a null label 10 a fraction p_uncond of the time, so it predicts both eps_theta(x_t, y) and
-eps_theta(x_t, null), and their difference is an implicit classifier's gradient. Scales above 1 sharpen p(y | x_t):
-samples land in the requested class more often and vary less.
-
+The idea: Bayes' rule on scores, grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t). Classifier guidance adds
+s times the gradient of a classifier p_phi(y | x_t, t), trained on noisy digits, to the unconditional prediction;
+classifier-free guidance trains one U-Net with labels dropped to a null label 10, so it predicts both eps_theta(x_t, y)
+and eps_theta(x_t, null), and their difference is an implicit classifier's gradient. Scales above 1 sharpen p(y | x_t):
+more samples land in the requested class, and they vary less. Sampling: DDIM (eta = 0, x0_hat clipped to [-1, 1]).
     classifier guidance:  eps_hat = eps_theta(x_t, null) - s sqrt(1 - alpha_bar_t) grad_x_t log p_phi(y | x_t, t)   (README Eq. 5.4)
     classifier-free:      eps_tilde = (1 + w) eps_theta(x_t, y) - w eps_theta(x_t, null)                      (README Eq. 5.7)
     label dropout:        y -> null with probability p_uncond during training                                (README Eq. 5.8)
-Classifier guidance here steers the unconditional prediction eps_theta(x_t, null) of the same network (the textbook
-form), so s = 0 is the unconditional model and w = 0 the conditional one. The classifier is a small conv net: the
-U-Net's ResBlocks with the time embedding at 28, 14 and 7 (attention at 7), mean-pooled, then a linear layer.
-Sampling: DDIM's update over S = --sample-steps of the T steps with eta = 0 (deterministic: every setting starts from the
-same x_T, so the sweep compares the guidance alone), x0_hat clipped to [-1, 1] as ddpm.py does.
 
 Run:   python 05_diffusion_models/guidance.py --sweep           (defaults sized for one GPU; not measured on a GPU)
 CPU recipe: python 05_diffusion_models/guidance.py --steps 1800 --clf-steps 1500 --batch-size 64 --lr 1e-3 --channels 16 --attn-res= --num-res-blocks 1 --ema-decay 0.999 --clf-channels 16 --sample-steps 25 --log-every 300 --sweep
@@ -94,26 +87,23 @@ class Config:
     sample_only: bool = False  # skip training; sample from out_dir/ckpt.pt
     resume: bool = False  # continue training from out_dir/ckpt.pt
 
-    def __post_init__(self):
-        if self.timesteps < 21 or not 1 <= self.sample_steps <= self.timesteps:
-            raise ValueError(f"need --timesteps >= 21 (so the rescaled beta_T = 20 / T stays below 1) and 1 <= --sample-steps <= T, "
-                             f"got {self.timesteps} and {self.sample_steps}")
-        if not re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res):
-            raise ValueError(f"--channel-mult and --attn-res take comma-separated integers, got {self.channel_mult!r} and {self.attn_res!r}")
-        mult, attn = ints(self.channel_mult), ints(self.attn_res)
-        if not mult or len(mult) > 3 or min(mult) < 1 or self.channels < 1 or self.num_res_blocks < 1:
-            raise ValueError("need 1 to 3 positive --channel-mult entries (28 halves twice: 28, 14, 7), --channels >= 1, --num-res-blocks >= 1")
-        if not set(attn) <= {28 >> k for k in range(len(mult))}:
-            raise ValueError(f"--attn-res must be among the resolutions {[28 >> k for k in range(len(mult))]}, got {self.attn_res!r}")
-        if not (0 <= self.ema_decay < 1 and 0 <= self.dropout < 1 and self.grad_clip > 0 and 0 <= self.p_uncond < 1):
-            raise ValueError("need 0 <= --ema-decay < 1, 0 <= --dropout < 1, --grad-clip > 0, 0 <= --p-uncond < 1")
-        if self.clf_steps < 0 or self.clf_channels < 1 or not self.clf_lr > 0 or not self.eta >= 0:
-            raise ValueError("need --clf-steps >= 0, --clf-channels >= 1, --clf-lr > 0 and --eta >= 0")
-        if self.guidance not in ("cfg", "classifier") or not math.isfinite(self.scale):
-            raise ValueError(f"--guidance must be cfg or classifier and --scale a number, got {self.guidance!r} and {self.scale}")
-        for name in ("clf_scales", "cfg_scales"):
-            if not re.fullmatch(r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?)*\s*", getattr(self, name)):
-                raise ValueError(f"--{name.replace('_', '-')} takes comma-separated non-negative numbers, got {getattr(self, name)!r}")
+    def __post_init__(self):  # a bad value ends in one message: parse_config turns the ValueError into an error exit
+        lists = re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res)  # integers only, or ints() would raise
+        mult, numbers = ints(self.channel_mult) if lists else (), r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?)*\s*"
+        checks = [  # (condition, what it needs)
+            (self.timesteps >= 21, "--timesteps >= 21 (so the rescaled beta_T = 20 / T stays below 1)"),
+            (1 <= self.sample_steps <= self.timesteps, "1 <= --sample-steps <= --timesteps"),
+            (lists and 0 < len(mult) <= 3 and min(mult) >= 1, "1 to 3 positive integers in --channel-mult (28, 14, 7)"),
+            (lists and set(ints(self.attn_res)) <= {28 >> k for k in range(len(mult))}, "--attn-res among those resolutions"),
+            (min(self.channels, self.num_res_blocks, self.clf_channels) >= 1, "--channels, --num-res-blocks, --clf-channels >= 1"),
+            (all(0 <= v < 1 for v in (self.ema_decay, self.dropout, self.p_uncond)), "0 <= --ema-decay, --dropout, --p-uncond < 1"),
+            (self.grad_clip > 0 and self.clf_lr > 0, "--grad-clip > 0 and --clf-lr > 0"),
+            (self.clf_steps >= 0 and self.eta >= 0, "--clf-steps >= 0 and --eta >= 0"),
+            (self.guidance in ("cfg", "classifier") and math.isfinite(self.scale), "--guidance cfg or classifier, a finite --scale"),
+            (all(re.fullmatch(numbers, s) for s in (self.clf_scales, self.cfg_scales)), "numbers >= 0 in --clf-scales, --cfg-scales")]
+        for ok, need in checks:
+            if not ok:
+                raise ValueError(f"need {need}")
 
 
 def ints(text):  # "1,2,2" -> (1, 2, 2); "" -> ()
@@ -226,14 +216,12 @@ class UNet(nn.Module):
 
 
 class NoisyClassifier(nn.Module):
-    """p_phi(y | x_t, t): a classifier of noisy digits that knows the noise level. The U-Net's down half in small:
-    ResBlocks with the time embedding at 28, 14 and 7 (self-attention at 7), GroupNorm-SiLU, the mean over the
-    7 x 7 positions (Dhariwal and Nichol pool with attention), then a linear layer to the 10 class logits."""
+    """p_phi(y | x_t, t), the U-Net's down half in small: ResBlocks with the time embedding at 28, 14 and 7 (attention
+    at 7), GroupNorm-SiLU, the mean over the 7 x 7 positions (Dhariwal and Nichol pool with attention), a linear layer."""
 
     def __init__(self, channels=32, num_classes=10):
         super().__init__()
-        emb_dim, c = 4 * channels, channels
-        self.channels = channels
+        self.channels, c, emb_dim = channels, channels, 4 * channels
         self.time_mlp = nn.Sequential(nn.Linear(c, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(1, c, 3, padding=1)
         self.blocks = nn.ModuleList([ResBlock(c, c, emb_dim), nn.Conv2d(c, c, 3, stride=2, padding=1),  # 28 -> 14
@@ -288,20 +276,18 @@ def ddim_step(xt, eps, ab_t, ab_prev, eta, noise):
 
 
 def drop_labels(y, p_uncond, num_classes):
-    """Label dropout (README Eq. 5.8): each label becomes the null label num_classes with probability p_uncond, so one
-    network learns eps_theta(x_t, y) and eps_theta(x_t, null) = the unconditional model."""
+    """Label dropout (README Eq. 5.8): each label becomes the null label num_classes with probability p_uncond."""
     return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, torch.full_like(y, num_classes), y)
 
 
 def cfg_eps(eps_cond, eps_uncond, w):
-    """Classifier-free guidance (README Eq. 5.7): (1 + w) eps(x_t, y) - w eps(x_t, null). w = 0 is the conditional
-    model, w = -1 the unconditional one; w > 0 moves past the conditional prediction, away from the unconditional."""
+    """Classifier-free guidance (README Eq. 5.7): w = 0 is the conditional model, w = -1 the unconditional one."""
     return (1 + w) * eps_cond - w * eps_uncond
 
 
 def classifier_grad(classifier, xt, t, y):
-    """grad_{x_t} log p_phi(y | x_t, t) by autograd, (B, ...) like xt. Each sample's log-probability depends on its
-    own x_t only, so the gradient of their sum gives every sample its own gradient in one backward pass."""
+    """grad_{x_t} log p_phi(y | x_t, t), (B, ...) like xt. Each sample's log p depends on its own x_t only, so the
+    gradient of their sum gives every sample its own gradient in one backward pass."""
     with torch.enable_grad():
         x = xt.detach().requires_grad_(True)
         log_p = F.log_softmax(classifier(x, t).to(x.dtype), dim=-1).gather(1, y[:, None])  # (B, 1)
@@ -314,10 +300,8 @@ def sub_sequence(T, S):
 
 
 class Guidance(nn.Module):
-    """The forward process (its schedule as a buffer) and what the guided models do with it: the conditional U-Net's
-    loss with label dropout, the noisy classifier's loss, the guided noise prediction and the DDIM sampler. The
-    networks are arguments, eps_model(x_t, t, y or None) and classifier(x_t, t) -> logits, so the same object trains,
-    samples, and runs the tests' closed-form Gaussian-mixture predictor and classifier."""
+    """The schedule (a buffer) and what the guided models do with it. The networks are arguments, eps_model(x_t, t, y or
+    None) and classifier(x_t, t) -> logits, so training, sampling and the tests' closed-form predictors share this code."""
 
     def __init__(self, timesteps=1000, num_classes=10):
         super().__init__()
@@ -326,38 +310,31 @@ class Guidance(nn.Module):
 
     def loss(self, eps_model, x0, y, p_uncond):
         """L_simple (section 2, Eq. 2.13) of the conditional model, labels dropped to null with probability p_uncond."""
-        t = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
+        t, eps = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device), torch.randn_like(x0)
         xt = q_sample(x0, t, eps, self.betas)
         return (eps - eps_model(xt, t, drop_labels(y, p_uncond, self.num_classes)).to(eps.dtype)).pow(2).mean()
 
     def classifier_loss(self, classifier, x0, y):
-        """Cross-entropy of p_phi(y | x_t, t) on x_t ~ q(x_t | x0) (section 1, Eq. 1.4) at t ~ U{1..T}: the classifier
-        must see the inputs it will guide, noisy ones. Returns the loss and the batch accuracy."""
+        """Cross-entropy of p_phi(y | x_t, t) on x_t ~ q(x_t | x0) (Eq. 1.4), the noisy inputs it will guide; and the accuracy."""
         t = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device)
         logits = classifier(q_sample(x0, t, torch.randn_like(x0), self.betas), t).float()
         return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
 
     def eps(self, eps_model, classifier, xt, t, y, kind, scale):
-        """The guided noise prediction at the steps t (B,) for the labels y (B,): kind "cfg" with w = scale (Eq. 5.7),
-        or "classifier" with s = scale (Eq. 5.4), which steers the unconditional prediction eps_theta(x_t, null)."""
+        """The guided eps at steps t (B,) for labels y (B,): kind "cfg", w = scale (Eq. 5.7); "classifier", s = scale (Eq. 5.4)."""
         if kind == "cfg":
             eps_cond = eps_model(xt, t, y).to(xt.dtype)
             return eps_cond if scale == 0 else cfg_eps(eps_cond, eps_model(xt, t, None).to(xt.dtype), scale)
-        eps_uncond = eps_model(xt, t, None).to(xt.dtype)
-        if scale == 0:
-            return eps_uncond
-        ab = per_sample(alpha_bar(self.betas)[t], xt)
-        return eps_uncond - scale * (1 - ab).sqrt() * classifier_grad(classifier, xt, t, y).to(xt.dtype)
+        eps_uncond, sigma = eps_model(xt, t, None).to(xt.dtype), (1 - per_sample(alpha_bar(self.betas)[t], xt)).sqrt()
+        return eps_uncond if scale == 0 else eps_uncond - scale * sigma * classifier_grad(classifier, xt, t, y).to(xt.dtype)
 
     @torch.no_grad()
     def sample(self, eps_model, classifier, xT, y, kind, scale, S, eta=0.0, clip=True):
-        """DDIM (README section 4) along S of the T steps with the guided eps at each: x_T = xT (B, 1, 28, 28), the
-        requested labels y (B,). With clip, x0_hat is clipped to [-1, 1] and eps re-derived from it before the step."""
+        """DDIM (README section 4) along S of the T steps with the guided eps, from xT (B, 1, 28, 28) for the labels y (B,)."""
         ab, steps, x = alpha_bar(self.betas), sub_sequence(self.T, S), xT
         for t, s in zip(steps[:-1], steps[1:]):
             eps = self.eps(eps_model, classifier, x, torch.full_like(y, t), y, kind, scale)
-            if clip:
+            if clip:  # x0_hat clipped to [-1, 1], then the eps it implies (as ddpm.py)
                 x0_hat = ((x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()).clamp(-1, 1)
                 eps = (x - ab[t].sqrt() * x0_hat) / (1 - ab[t]).sqrt()
             x = ddim_step(x, eps, ab[t], ab[s], eta, torch.randn_like(x))
@@ -374,39 +351,24 @@ def ema_update(ema, model, decay):
 # --- Training ---
 
 
-def noisy_accuracy(guidance, classifier, x0, y, t, batch_size=500):
-    """The classifier's accuracy on x_t ~ q(x_t | x0) at one step t, with noise seeded for a fair comparison."""
-    generator, correct = torch.Generator().manual_seed(0), 0
-    with torch.no_grad():
-        for i in range(0, len(x0), batch_size):
-            xb = x0[i:i + batch_size]
-            tt = torch.full((len(xb),), t, device=xb.device, dtype=torch.long)
-            xt = q_sample(xb, tt, torch.randn(xb.shape, generator=generator).to(xb.device), guidance.betas)
-            correct += (classifier(xt, tt).argmax(1) == y[i:i + batch_size]).sum().item()
-    return correct / len(x0)
-
-
 def train(cfg):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = pick_device(cfg.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = pick_device(cfg.device), Path(cfg.out_dir)
     images, labels = load_mnist(cfg.data_dir, train=True)
     x_train, y_train = images.to(device).float().div(127.5).sub(1).unsqueeze(1), labels.to(device)  # (N, 1, 28, 28) in [-1, 1], (N,)
 
     model = UNet(1, cfg.channels, ints(cfg.channel_mult), ints(cfg.attn_res), 28, cfg.num_res_blocks, cfg.dropout, 10).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    classifier = NoisyClassifier(cfg.clf_channels).to(device)
-    guidance = Guidance(cfg.timesteps).to(device)
+    classifier, guidance = NoisyClassifier(cfg.clf_channels).to(device), Guidance(cfg.timesteps).to(device)
+    nets = {"model": model, "ema": ema, "classifier": classifier}
     optimizers = {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr),
                   "classifier": torch.optim.Adam(classifier.parameters(), lr=cfg.clf_lr)}
     step = 0
     if cfg.resume or cfg.sample_only:
         ckpt = load_checkpoint(out / "ckpt.pt", device)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        classifier.load_state_dict(ckpt["classifier"])
+        for name, net in nets.items():
+            net.load_state_dict(ckpt[name])
         for name, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizer"][name])
         step = ckpt["step"]
@@ -414,95 +376,87 @@ def train(cfg):
           f"{sum(p.numel() for p in classifier.parameters()) / 1e6:.2f} M; T = {cfg.timesteps}, p_uncond = {cfg.p_uncond}")
 
     def checkpoint():
-        save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "ema": ema.state_dict(), "classifier": classifier.state_dict(),
+        save_checkpoint(out / "ckpt.pt", {**{name: net.state_dict() for name, net in nets.items()},
                                           "optimizer": {name: opt.state_dict() for name, opt in optimizers.items()},
                                           "config": asdict(cfg), "step": step})
 
     def amp(net):  # the network in bf16 autocast on CUDA when asked; the losses, gradients and sampler stay float32
-        def run(*args):
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                return net(*args).float()
-        return run
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+        return autocast(lambda *args: net(*args).float())
 
-    def update(loss, net, name):  # one gradient step (norm clipped) for the network `name`, after a finiteness check
+    def update(name, loss):  # one gradient step (norm clipped) for nets[name] after a finiteness check; returns the loss
         if not torch.isfinite(loss):
             raise SystemExit(f"error: {name} loss is {loss.item()} at step {step}; the last good checkpoint is {out / 'ckpt.pt'}")
         optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(nets[name].parameters(), cfg.grad_clip)
         optimizers[name].step()
+        return loss.item()
 
-    t0, total, running, last = time.time(), max(cfg.steps, cfg.clf_steps), {"loss": [], "clf": [], "acc": []}, {}
+    t0, total, last = time.time(), max(cfg.steps, cfg.clf_steps), {}
+    running = {name: [] for name in ("L_simple", "classifier cross-entropy", "accuracy on noisy x_t")}
     bar = tqdm(total=0 if cfg.sample_only else total, initial=step, desc="guidance")
     try:
         while step < total and not cfg.sample_only:
-            # 1. a random batch of training digits x0 and their labels y
-            idx = torch.randint(len(x_train), (cfg.batch_size,), device=device)
+            idx = torch.randint(len(x_train), (cfg.batch_size,), device=device)  # 1. a random batch of digits x0, labels y
             x0, y = x_train[idx], y_train[idx]
-            # 2. the conditional U-Net: L_simple with label dropout (Eq. 5.8), one step, then the EMA follows
-            if step < cfg.steps:
-                loss = guidance.loss(amp(model), x0, y, cfg.p_uncond)
-                update(loss, model, "model")
+            if step < cfg.steps:  # 2. the conditional U-Net: L_simple with label dropout (Eq. 5.8), then the EMA follows
+                running["L_simple"].append(update("model", guidance.loss(amp(model), x0, y, cfg.p_uncond)))
                 ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-                running["loss"].append(loss.item())
-            # 3. the classifier on the same digits noised afresh at random t (Dhariwal and Nichol)
-            if step < cfg.clf_steps:
+            if step < cfg.clf_steps:  # 3. the classifier on the same digits noised afresh at random t (Dhariwal and Nichol)
                 clf_loss, acc = guidance.classifier_loss(amp(classifier), x0, y)
-                update(clf_loss, classifier, "classifier")
-                running["clf"].append(clf_loss.item())
-                running["acc"].append(acc.item())
+                running["classifier cross-entropy"].append(update("classifier", clf_loss))
+                running["accuracy on noisy x_t"].append(acc.item())
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{running['loss'][-1] if running['loss'] else float('nan'):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{running['L_simple'][-1] if running['L_simple'] else float('nan'):.4f}", refresh=False)
             if step % cfg.log_every == 0 or step == total:
-                last = {k: float(np.mean(v)) for k, v in running.items() if v}
-                bar.write(f"step {step}: " + ", ".join(f"{name} {last[k]:.4f}" for k, name in
-                          (("loss", "L_simple"), ("clf", "classifier cross-entropy"), ("acc", "accuracy on noisy x_t")) if k in last))
-                running = {k: [] for k in running}
+                last = {name: float(np.mean(v)) for name, v in running.items() if v}
+                bar.write(f"step {step}: " + ", ".join(f"{name} {v:.4f}" for name, v in last.items()))
+                running = {name: [] for name in running}
                 checkpoint()
     except KeyboardInterrupt:
         checkpoint()
         raise SystemExit(f"interrupted at step {step}; checkpoint saved to {out / 'ckpt.pt'}")
     bar.close()
-    results = {"step": step, "train_time": time.time() - t0, "loss": last.get("loss", float("nan"))}
+    results = {"step": step, "train_time": time.time() - t0, "loss": last.get("L_simple", float("nan")), "clf_accuracy": {}}
     if not cfg.sample_only:
         print(f"trained {step} steps in {results['train_time']:.0f} s")
         checkpoint()
 
-    # the classifier on noisy test digits at a few steps (it only guides if it still sees the class through the noise)
-    classifier.eval()
+    # the classifier on noisy test digits (it only guides if it still sees the class through the noise), the same noise at each t
+    classifier.eval().requires_grad_(False)  # frozen: no graph below; classifier_grad differentiates with respect to x_t only
     images, labels = load_mnist(cfg.data_dir, train=False)
     x_test, y_test = images[:2000].to(device).float().div(127.5).sub(1).unsqueeze(1), labels[:2000].to(device)
-    ts = sorted({max(1, round(cfg.timesteps * f)) for f in (0.1, 0.25, 0.5, 0.75)})
-    results["clf_accuracy"] = {t: noisy_accuracy(guidance, amp(classifier), x_test, y_test, t) for t in ts}
-    print(f"classifier accuracy on N = {len(x_test)} noisy test digits: " +
-          ", ".join(f"t = {t}: {a:.3f}" for t, a in results["clf_accuracy"].items()))
+    for t in sorted({max(1, round(cfg.timesteps * f)) for f in (0.1, 0.25, 0.5, 0.75)}):
+        generator, correct = torch.Generator().manual_seed(0), 0
+        for x0, y in zip(x_test.split(500), y_test.split(500)):
+            tt = torch.full_like(y, t)
+            xt = q_sample(x0, tt, torch.randn(x0.shape, generator=generator).to(device), guidance.betas)
+            correct += (amp(classifier)(xt, tt).argmax(1) == y).sum().item()
+        results["clf_accuracy"][t] = correct / len(x_test)
+    print(f"classifier accuracy on N = {len(x_test)} noisy test digits: "
+          + ", ".join(f"t = {t}: {a:.3f}" for t, a in results["clf_accuracy"].items()))
 
     # samples from the EMA weights: the same x_T and the same labels (0..9 in turn) for every setting
     ema.eval()
-    settings = [(cfg.guidance, cfg.scale)]
-    if cfg.sweep:
-        settings = [("classifier", float(s)) for s in cfg.clf_scales.split(",")] + [("cfg", float(w)) for w in cfg.cfg_scales.split(",")]
-        settings += [(cfg.guidance, cfg.scale)] if (cfg.guidance, cfg.scale) not in settings else []
-    y_all = torch.arange(cfg.num_samples, device=device) % 10
-    results["sample_time"] = {}
+    sweep = [("classifier", float(s)) for s in cfg.clf_scales.split(",")] + [("cfg", float(w)) for w in cfg.cfg_scales.split(",")]
+    settings = sweep if cfg.sweep else []
+    settings += [] if (cfg.guidance, cfg.scale) in settings else [(cfg.guidance, cfg.scale)]  # and the grid's setting
+    y_all, results["sample_time"] = torch.arange(cfg.num_samples, device=device) % 10, {}
     for kind, scale in settings:
         torch.manual_seed(cfg.seed)
-        t0, chunks = time.time(), []
-        for i in range(0, cfg.num_samples, 250):  # 250 at a time, as ddpm.py
-            y = y_all[i:i + 250]
-            x = guidance.sample(amp(ema), amp(classifier), torch.randn(len(y), 1, 28, 28, device=device), y, kind, scale,
-                                cfg.sample_steps, cfg.eta, cfg.clip)
-            chunks.append(((x + 1) / 2).clamp(0, 1).cpu())  # [-1, 1] -> [0, 1]
-        samples, name = torch.cat(chunks), f"samples_{kind}_{scale:g}" if cfg.sweep else "samples"
-        results["sample_time"][f"{kind}_{scale:g}"] = time.time() - t0
+        t0, name = time.time(), f"samples_{kind}_{scale:g}" if cfg.sweep else "samples"
+        x = torch.cat([guidance.sample(amp(ema), amp(classifier), torch.randn(len(y), 1, 28, 28, device=device), y, kind, scale,
+                                       cfg.sample_steps, cfg.eta, cfg.clip) for y in y_all.split(250)])  # 250 at a time, as ddpm.py
+        samples = ((x + 1) / 2).clamp(0, 1).cpu()  # [-1, 1] -> [0, 1]
+        results["sample_time"][f"{kind}_{scale:g}"] = seconds = time.time() - t0
         print(f"{kind} guidance, scale {scale:g}: {len(samples)} samples, S = {cfg.sample_steps}, eta = {cfg.eta:g}, "
-              f"in {time.time() - t0:.1f} s; wrote {out / name}.npz")
+              f"in {seconds:.1f} s; wrote {out / name}.npz")
         save_grid(samples[:64], out / f"{name}.png", nrow=8)
         np.savez_compressed(out / f"{name}.npz", images=(samples * 255).round().byte().numpy(), labels=y_all.cpu().numpy())
-        if (kind, scale) == (cfg.guidance, cfg.scale):
-            rows = torch.cat([samples[y_all.cpu() == c][:10] for c in range(10)])  # one row per class 0-9
-            save_grid(rows, out / "grid.png", nrow=10)
+        if (kind, scale) == (cfg.guidance, cfg.scale):  # the grid: one row per class 0-9
+            save_grid(torch.cat([samples[y_all.cpu() == c][:10] for c in range(10)]), out / "grid.png", nrow=10)
     print(f"wrote {out / 'grid.png'} (one row per class, {cfg.guidance} guidance at scale {cfg.scale:g})")
     return results
 

@@ -1,33 +1,22 @@
 """
 Noise schedules and parameterizations: linear, cosine and sigmoid schedules; eps-, x0- and v-prediction, on MNIST.
 
-Papers: Nichol and Dhariwal, "Improved Denoising Diffusion Probabilistic Models", 2021, arXiv 2102.09672 (cosine);
-Chen, "On the Importance of Noise Scheduling for Diffusion Models", 2023, arXiv 2301.10972, and Jabri, Fleet and
-Chen, "Scalable Adaptive Computation for Iterative Generation", 2023, arXiv 2212.11972 (sigmoid); Salimans and Ho,
-"Progressive Distillation for Fast Sampling of Diffusion Models", 2022, arXiv 2202.00512 (v-prediction).
+Papers: Nichol and Dhariwal, 2021, arXiv 2102.09672 (cosine); Chen, 2023, arXiv 2301.10972, and Jabri, Fleet and Chen,
+2023, arXiv 2212.11972 (sigmoid); Salimans and Ho, 2022, arXiv 2202.00512 (v-prediction); titles in the README.
 
-The idea: a schedule is best read through the signal-to-noise ratio SNR(t) = alpha_bar_t / (1 - alpha_bar_t) of x_t.
-Ho et al.'s linear betas spend 30 % of the chain at log-SNR below -5, where the digit is gone; cosine and sigmoid
-spread the steps evenly over the noise levels. The network may predict eps, x0 or v: given x_t each is a linear
-function of the others, so they are one denoiser, but regressing each weights the noise levels differently. One
-short run per (schedule, parameterization), all sampled from the same x_T with DDIM, and a comparison table.
+The idea: read a schedule through SNR(t) = alpha_bar_t / (1 - alpha_bar_t). Ho et al.'s linear betas spend 30 % of the chain
+at log-SNR < -5, where the digit is gone; cosine and sigmoid spread the steps over the noise levels. eps, x0 and v are one
+denoiser in three units, but each regression weights the noise levels differently; one run of each, compared on the same x_T.
 
     log-SNR(t) = log(alpha_bar_t / (1 - alpha_bar_t))                                          (README Eq. 6.1)
     cosine: alpha_bar_t = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) pi / 2), s = 0.008   (Eq. 6.3)
     v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0;  x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v   (Eq. 6.7, 6.8)
     ||x0_hat - x0||^2 = ||eps_hat - eps||^2 / SNR,  ||v_hat - v||^2 = (1 + SNR) ||x0_hat - x0||^2        (Eq. 6.10)
-
-Choices: T = 1000 steps, t ~ U{1..T}, the same U-Net, seed, batches and steps for every run; betas clipped at 0.999
-(Eq. 6.4); samples by DDIM with S = 50 steps and eta = 0 (section 4's ddim_step), x0_hat clipped to [-1, 1] at each
-step as ddpm.py does; the common yardstick is the x0-MSE of each EMA model on fixed test digits and noise at the
-steps whose log-SNR is nearest -6, -3, 0, 3 and 6 (Eq. 6.11).
-
 Run:   python 05_diffusion_models/noise_schedules.py           (defaults sized for one GPU; not measured on a GPU)
 CPU recipe: python 05_diffusion_models/noise_schedules.py --steps 350 --batch-size 64 --lr 1e-3 --channels 16 --attn-res= --num-res-blocks 1 --ema-decay 0.999 --log-every 175
 Measured on a 2-core CPU: 11 min 27 s (wall, whole command), five runs of 350 steps; FID at N = 1000 (metrics.py): linear/eps 371.918, cosine/eps 362.878, sigmoid/eps 299.819, cosine/x0 142.322, cosine/v 191.862;
 confident (p > 0.9) 43.1, 42.9, 46.0, 53.5, 49.5 % in the same order; x0-MSE yardsticks and losses in README section 6.
-Writes out/noise_schedules/: schedules.svg (alpha_bar and log-SNR against t / T), samples_<schedule>_<param>.npz and
-ckpt_<schedule>_<param>.pt for each run, samples.png (one row per run, the same x_T in each column).
+Writes out/noise_schedules/: schedules.svg, samples.png (a row per run, same x_T per column), samples_<run>.npz, ckpt_<run>.pt.
 """
 
 import argparse
@@ -85,20 +74,17 @@ class Config:
     sample_only: bool = False  # skip training; sample from each run's checkpoint in out_dir
     resume: bool = False  # continue each run from its checkpoint in out_dir
 
-    def __post_init__(self):
-        if self.timesteps < 21:
-            raise ValueError(f"need --timesteps >= 21 (so the linear schedule's rescaled beta_T = 20 / T stays below 1), got {self.timesteps}")
-        if not re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res):
-            raise ValueError(f"--channel-mult and --attn-res take comma-separated integers, got {self.channel_mult!r} and {self.attn_res!r}")
-        mult, attn = ints(self.channel_mult), ints(self.attn_res)
-        if not mult or len(mult) > 3 or min(mult) < 1 or self.channels < 1 or self.num_res_blocks < 1:
-            raise ValueError("need 1 to 3 positive --channel-mult entries (28 halves twice: 28, 14, 7), --channels >= 1, --num-res-blocks >= 1")
-        if not set(attn) <= {28 >> k for k in range(len(mult))}:
-            raise ValueError(f"--attn-res must be among the resolutions {[28 >> k for k in range(len(mult))]}, got {self.attn_res!r}")
-        if not (0 <= self.ema_decay < 1 and 0 <= self.dropout < 1 and self.grad_clip > 0 and 1 <= self.sample_steps <= self.timesteps and self.test_images >= 1):
-            raise ValueError("need 0 <= --ema-decay < 1, 0 <= --dropout < 1, --grad-clip > 0, 1 <= --sample-steps <= --timesteps, --test-images >= 1")
-        pairs = [run.split(":") for run in self.runs.split(",")]
-        if not all(len(p) == 2 and p[0] in SCHEDULES and p[1] in PARAMETERIZATIONS for p in pairs) or len(set(self.runs.split(","))) < len(pairs):
+    def __post_init__(self):  # a bad value ends in one message: parse_config turns the ValueError into an error exit
+        if not (self.timesteps >= 21 and 1 <= self.sample_steps <= self.timesteps and self.grad_clip > 0 and 0 <= self.dropout < 1
+                and 0 <= self.ema_decay < 1 and min(self.channels, self.num_res_blocks, self.test_images) >= 1):
+            raise ValueError("need --timesteps >= 21 (so linear beta_T = 20 / T < 1); 1 <= --sample-steps <= --timesteps; "
+                             "--grad-clip > 0; --dropout, --ema-decay in [0, 1); --channels, --num-res-blocks, --test-images >= 1")
+        mult = ints(self.channel_mult) if re.fullmatch(r"[\d,]*", self.channel_mult + self.attn_res) else ()
+        if not (mult and len(mult) <= 3 and min(mult) >= 1 and set(ints(self.attn_res)) <= {28 >> k for k in range(len(mult))}):
+            raise ValueError(f"--channel-mult takes 1 to 3 comma-separated positive integers (resolutions 28, 14, 7), --attn-res "
+                             f"some of those resolutions; got {self.channel_mult!r} and {self.attn_res!r}")
+        runs = self.runs.split(",")
+        if len(set(runs)) < len(runs) or not set(runs) <= {f"{s}:{p}" for s in SCHEDULES for p in PARAMETERIZATIONS}:
             raise ValueError(f"--runs takes distinct comma-separated schedule:parameterization pairs, schedule in {list(SCHEDULES)} "
                              f"and parameterization in {list(PARAMETERIZATIONS)}, got {self.runs!r}")
 
@@ -212,7 +198,7 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-# --- Schedules ---
+# --- The method ---
 
 
 def linear_betas(T):
@@ -230,22 +216,20 @@ def betas_from_alpha_bar(ab):
 
 
 def cosine_betas(T, s=0.008):
-    """Nichol and Dhariwal's schedule (README Eq. 6.3): alpha_bar_t = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) pi / 2).
-    The offset s keeps beta_1 from being too small for the 8-bit pixels to notice. Float64, (T + 1,), betas[0] = 0."""
+    """Nichol and Dhariwal's schedule (README Eq. 6.3); the offset s keeps beta_1 large enough for 8-bit pixels to notice."""
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return betas_from_alpha_bar(f / f[0])
 
 
 def sigmoid_betas(T, start=-3.0, end=3.0, tau=1.0):
-    """Jabri et al.'s and Chen's schedule with their defaults (README Eq. 6.6): alpha_bar(u) = (sig(end / tau) -
-    sig((start + (end - start) u) / tau)) / (sig(end / tau) - sig(start / tau)) at u = t / T, sig the logistic
-    function: 1 at u = 0, 0 at u = 1. Float64, (T + 1,), betas[0] = 0."""
+    """Jabri et al.'s and Chen's schedule with their defaults (README Eq. 6.6): alpha_bar(t / T) a logistic curve from 1 to 0."""
     u = torch.arange(T + 1, dtype=torch.float64) / T
-    v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64)), torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    v_start, v_end = torch.sigmoid(torch.tensor([start, end], dtype=torch.float64) / tau)
     return betas_from_alpha_bar((v_end - torch.sigmoid((start + (end - start) * u) / tau)) / (v_end - v_start))
 
 
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+LEVELS = (-6.0, -3.0, 0.0, 3.0, 6.0)  # log-SNR levels of the yardstick (Eq. 6.11), inside every schedule's range at T = 1000
 
 
 def alpha_bar(betas):
@@ -258,29 +242,12 @@ def log_snr(ab):
     return torch.log(ab) - torch.log1p(-ab)
 
 
-# --- Parameterizations ---
-
-
-def eps_to_x0(xt, eps, ab):  # x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)  (README Eq. 6.8; section 2, Eq. 2.11)
-    return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
-
-
-def x0_to_eps(xt, x0, ab):  # eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)  (Eq. 6.8)
-    return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
-
-
-def v_to_x0(xt, v, ab):  # x0 = sqrt(ab) x_t - sqrt(1 - ab) v  (Eq. 6.8)
-    return ab.sqrt() * xt - (1 - ab).sqrt() * v
-
-
-def v_to_eps(xt, v, ab):  # eps = sqrt(1 - ab) x_t + sqrt(ab) v  (Eq. 6.8)
-    return (1 - ab).sqrt() * xt + ab.sqrt() * v
-
-
-def x0_eps_to_v(x0, eps, ab):  # v = sqrt(ab) eps - sqrt(1 - ab) x0, the velocity of x_t along the circle (Eq. 6.7)
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-
+# x0, eps and v from one another, given x_t and ab = alpha_bar_t shaped to broadcast (README Eq. 6.7, 6.8; section 2, Eq. 2.11)
+eps_to_x0 = lambda xt, eps, ab: (xt - (1 - ab).sqrt() * eps) / ab.sqrt()  # noqa: E731
+x0_to_eps = lambda xt, x0, ab: (xt - ab.sqrt() * x0) / (1 - ab).sqrt()  # noqa: E731
+v_to_x0 = lambda xt, v, ab: ab.sqrt() * xt - (1 - ab).sqrt() * v  # noqa: E731
+v_to_eps = lambda xt, v, ab: (1 - ab).sqrt() * xt + ab.sqrt() * v  # noqa: E731
+x0_eps_to_v = lambda x0, eps, ab: ab.sqrt() * eps - (1 - ab).sqrt() * x0  # noqa: E731  the velocity of x_t along the circle
 PARAMETERIZATIONS = {  # what the network predicts -> (x0, eps) given x_t and alpha_bar
     "eps": lambda xt, out, ab: (eps_to_x0(xt, out, ab), out),
     "x0": lambda xt, out, ab: (out, x0_to_eps(xt, out, ab)),
@@ -311,8 +278,7 @@ def ddim_step(xt, eps, ab_t, ab_prev, eta, noise):
 
 
 class Diffusion(nn.Module):
-    """A schedule (its betas as a buffer) and a parameterization (what the network's output means): the loss, the
-    conversion of any output to (x0_hat, eps_hat), DDIM sampling and the yardstick. The network is an argument."""
+    """A schedule (betas, a buffer) and a parameterization (what the output means); the network is an argument."""
 
     def __init__(self, schedule="linear", param="eps", timesteps=1000):
         super().__init__()
@@ -329,19 +295,14 @@ class Diffusion(nn.Module):
         return error if per_image else error.mean()
 
     def predict(self, model, xt, t, clip=False):
-        """(x0_hat, eps_hat) from the network's output at (x_t, t), t (B,) (Eq. 6.8); with clip, x0_hat is clipped to
-        [-1, 1] and eps_hat re-derived from it, so the two stay consistent with x_t."""
+        """(x0_hat, eps_hat) from the network's output at (x_t, t), t (B,) (Eq. 6.8); clip: x0_hat to [-1, 1], eps_hat from it."""
         ab = per_sample(alpha_bar(self.betas)[t], xt)
         x0, eps = PARAMETERIZATIONS[self.param](xt, model(xt, t).to(xt.dtype), ab)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = x0_to_eps(xt, x0, ab)
-        return x0, eps
+        return (x0.clamp(-1, 1), x0_to_eps(xt, x0.clamp(-1, 1), ab)) if clip else (x0, eps)
 
     @torch.no_grad()
     def sample(self, model, xT, S, clip=True):
-        """DDIM with eta = 0 (section 4) along S + 1 evenly spaced steps T = tau_0 > ... > tau_S = 0, from x_T = xT
-        (B, C, H, W); the last step lands on alpha_bar_0 = 1 and so returns x0_hat."""
+        """DDIM, eta = 0 (section 4): xT (B, C, H, W) along T = tau_0 > ... > tau_S = 0; alpha_bar_0 = 1, so it returns x0_hat."""
         ab, x = alpha_bar(self.betas), xT
         tau = torch.linspace(self.T, 0, S + 1, dtype=torch.float64).round().long().tolist()
         for t, s in zip(tau[:-1], tau[1:]):
@@ -351,8 +312,7 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def x0_mse(self, model, x0, levels, batch_size=250):
-        """The yardstick (Eq. 6.11), one float per level: the MSE per pixel of the unclipped x0_hat at the step whose
-        log-SNR is nearest the level, x_t drawn with fixed noise (seed 0: every run sees the same x_t)."""
+        """The yardstick (Eq. 6.11): per level, x0_hat's MSE per pixel at the step of nearest log-SNR; same noise every run."""
         lam, generator, errors = log_snr(alpha_bar(self.betas.cpu().double()))[1:], torch.Generator().manual_seed(0), []
         for level in levels:
             t, total = int((lam - level).abs().argmin()) + 1, 0.0
@@ -362,9 +322,6 @@ class Diffusion(nn.Module):
                 total += (self.predict(model, xt, tt)[0] - x).pow(2).sum().item()
             errors.append(total / x0.numel())
         return errors
-
-
-LEVELS = (-6.0, -3.0, 0.0, 3.0, 6.0)  # log-SNR levels of the yardstick (Eq. 6.11), inside every schedule's range at T = 1000
 
 
 def ema_update(ema, model, decay):
@@ -380,73 +337,55 @@ def ema_update(ema, model, decay):
 def save_schedules_svg(T, path, width=330, height=230, left=62, top=40):
     """The README's figure, as SVG text: alpha_bar_t (left panel) and log-SNR (right, for t = 1..T, clipped to [-20, 12])
     against t / T, one curve per schedule (at most 300 points each, both ends included), labelled axes, a legend."""
-    colours, full = {"linear": "#2563EB", "cosine": "#DC2626", "sigmoid": "#059669"}, 2 * (left + width) + 50
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{full}" height="{top + height + 80}" viewBox="0 0 {full} {top + height + 80}" '
+    colours, full, base = {"linear": "#2563EB", "cosine": "#DC2626", "sigmoid": "#059669"}, 2 * (left + width) + 50, top + height
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{full}" height="{base + 80}" viewBox="0 0 {full} {base + 80}" '
              'font-family="Helvetica, Arial, sans-serif" font-size="13">', '<rect width="100%" height="100%" fill="white"/>']
     panels = [("ᾱ_t", 0.0, 1.0, [0, 0.25, 0.5, 0.75, 1], lambda ab: ab), ("log-SNR = log(ᾱ_t / (1 − ᾱ_t))", -20.0, 12.0, range(-20, 13, 4), log_snr)]
     for k, (label, lo, hi, ticks, fn) in enumerate(panels):
-        x0 = left + k * (left + width + 30)
+        x0, ts = left + k * (left + width + 30), sorted(set(torch.linspace(k, T, 300).round().long().tolist()))  # t = k..T
         px, py = lambda u: x0 + u * width, lambda y: top + (hi - min(max(y, lo), hi)) / (hi - lo) * height  # noqa: E731
         parts += [f'<rect x="{x0}" y="{top}" width="{width}" height="{height}" fill="#F8FAFC" stroke="#CBD5E1"/>',
-                  f'<text x="{x0 + width / 2}" y="{top + height + 36}" text-anchor="middle" fill="#1E293B">t / T</text>',
+                  f'<text x="{x0 + width / 2}" y="{base + 36}" text-anchor="middle" fill="#1E293B">t / T</text>',
                   f'<text x="{x0 + width / 2}" y="{top - 12}" text-anchor="middle" fill="#1E293B">{label}</text>']
-        for y in ticks:
-            parts += [f'<line x1="{x0}" y1="{py(y):.1f}" x2="{x0 + width}" y2="{py(y):.1f}" stroke="#E2E8F0"/>',
-                      f'<text x="{x0 - 6}" y="{py(y) + 4:.1f}" text-anchor="end" fill="#475569" font-size="11">{y:g}</text>']
-        parts += [f'<text x="{px(u):.1f}" y="{top + height + 16}" text-anchor="middle" fill="#475569" font-size="11">{u:g}</text>'
+        parts += [f'<line x1="{x0}" y1="{py(y):.1f}" x2="{x0 + width}" y2="{py(y):.1f}" stroke="#E2E8F0"/>\n<text x="{x0 - 6}" '
+                  f'y="{py(y) + 4:.1f}" text-anchor="end" fill="#475569" font-size="11">{y:g}</text>' for y in ticks]
+        parts += [f'<text x="{px(u):.1f}" y="{base + 16}" text-anchor="middle" fill="#475569" font-size="11">{u:g}</text>'
                   for u in (0, 0.25, 0.5, 0.75, 1)]
-        for name, colour in colours.items():
-            y = fn(alpha_bar(SCHEDULES[name](T)))  # (T + 1,), t = 0..T
-            keep = sorted(set(torch.linspace(k, T, 300).round().long().tolist()))  # t = 0..T for alpha_bar, 1..T for log-SNR
-            points = " ".join(f"{px(t / T):.1f},{py(y[t].item()):.1f}" for t in keep)
+        for name, colour in colours.items():  # alpha_bar from t = 0, log-SNR from t = 1 (it is +inf at t = 0)
+            points = " ".join(f"{px(t / T):.1f},{py(y):.1f}" for t, y in zip(ts, fn(alpha_bar(SCHEDULES[name](T)))[ts].tolist()))
             parts.append(f'<polyline class="{name}" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-    for j, (name, colour) in enumerate(colours.items()):  # the legend, under both panels
-        parts += [f'<line x1="{left + 150 * j}" y1="{top + height + 60}" x2="{left + 150 * j + 24}" y2="{top + height + 60}" stroke="{colour}" stroke-width="3"/>',
-                  f'<text x="{left + 150 * j + 30}" y="{top + height + 64}" fill="#1E293B">{name}</text>']
-    parts.append(f'<text x="{full - 10}" y="{top + height + 64}" text-anchor="end" fill="#475569" font-size="11">T = {T}</text>')
+    for x, (name, colour) in zip(range(left, full, 150), colours.items()):  # the legend, under both panels
+        parts += [f'<line x1="{x}" y1="{base + 60}" x2="{x + 24}" y2="{base + 60}" stroke="{colour}" stroke-width="3"/>',
+                  f'<text x="{x + 30}" y="{base + 64}" fill="#1E293B">{name}</text>']
+    parts.append(f'<text x="{full - 10}" y="{base + 64}" text-anchor="end" fill="#475569" font-size="11">T = {T}</text>')
     Path(path).write_text("\n".join(parts + ["</svg>"]) + "\n")
 
 
-def net(m, cfg, device):  # the network in bf16 autocast on CUDA when asked; everything around it stays float32
-    def model(xt, t):
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            return m(xt, t).float()
-    return model
-
-
 def fit(cfg, schedule, param, x_train, x_test, xT, device, out):
-    """One run: train (or load) a U-Net with this schedule and parameterization, then measure the yardstick and
-    sample from its EMA weights. Returns the run's figures and its first 10 samples, for the grid."""
+    """One run: train (or load) a U-Net, then the yardstick and samples of its EMA weights. Returns (figures, 10 samples)."""
     torch.manual_seed(cfg.seed)  # every run: the same initial weights, batches, steps t and noise draws
-    name = f"{schedule}_{param}"
     model = UNet(1, cfg.channels, ints(cfg.channel_mult), ints(cfg.attn_res), 28, cfg.num_res_blocks, cfg.dropout).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion = Diffusion(schedule, param, cfg.timesteps).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, path = 0, out / f"ckpt_{name}.pt"
-    if cfg.resume or cfg.sample_only:
-        ckpt = load_checkpoint(path, device)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda")  # bf16: the network only
+    train_net, ema_net = amp(lambda xt, t: model(xt, t).float()), amp(lambda xt, t: ema(xt, t).float())
+    diffusion, optimizer = Diffusion(schedule, param, cfg.timesteps).to(device), torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    parts, path = {"model": model, "ema": ema, "optimizer": optimizer}, out / f"ckpt_{schedule}_{param}.pt"
+    ckpt = load_checkpoint(path, device) if cfg.resume or cfg.sample_only else None
+    for key, part in parts.items() if ckpt else []:
+        part.load_state_dict(ckpt[key])
+    step = ckpt["step"] if ckpt else 0
 
-    def checkpoint():
-        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                               "config": asdict(cfg), "step": step})
-
+    def checkpoint():  # the state of every part, the config and the step, as ckpt_<schedule>_<param>.pt
+        save_checkpoint(path, {key: part.state_dict() for key, part in parts.items()} | {"config": asdict(cfg), "step": step})
     t0, running, last_loss = time.time(), [], float("nan")
     bar = tqdm(total=0 if cfg.sample_only else cfg.steps, initial=step, desc=f"{schedule}:{param}")
     try:
         while step < cfg.steps and not cfg.sample_only:
-            # 1. a random batch of training digits x0
-            x0 = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]
-            # 2. noise them to random steps t and regress this run's target: eps, x0 or v (Eq. 6.9)
-            loss = diffusion.loss(net(model, cfg, device), x0)
+            x0 = x_train[torch.randint(len(x_train), (cfg.batch_size,), device=device)]  # 1. a random batch of training digits
+            loss = diffusion.loss(train_net, x0)  # 2. noised to random steps t; regress this run's target (Eq. 6.9)
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: loss is {loss.item()} at step {step} of {schedule}:{param}; the last good checkpoint is {path}")
-            # 3. one gradient step (norm clipped), then the EMA copy follows with a warm-up
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # 3. one gradient step (norm clipped), then the EMA follows with a warm-up
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -454,33 +393,29 @@ def fit(cfg, schedule, param, x_train, x_test, xT, device, out):
             step += 1
             running.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.set_postfix(loss=f"{running[-1]:.4f}", refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                last_loss = float(np.mean(running))
-                bar.write(f"{schedule}:{param} step {step}: {param}-MSE {last_loss:.4f} (mean of the last {len(running)} steps)")
-                running = []
+                bar.write(f"{schedule}:{param} step {step}: {param}-MSE {np.mean(running):.4f} (mean of {len(running)} steps)")
+                last_loss, running = float(np.mean(running)), []
                 checkpoint()
     except KeyboardInterrupt:
         checkpoint()
         raise SystemExit(f"interrupted at step {step} of {schedule}:{param}; checkpoint saved to {path}")
     bar.close()
-    result = {"step": step, "loss": last_loss, "train_time": time.time() - t0}
-
-    ema.eval()
-    result["x0_mse"] = diffusion.x0_mse(net(ema, cfg, device), x_test, LEVELS)
-    t0, chunks = time.time(), []
-    for i in range(0, len(xT), 250):  # 250 at a time, as ddpm.py
-        chunks.append(((diffusion.sample(net(ema, cfg, device), xT[i:i + 250], cfg.sample_steps, cfg.clip) + 1) / 2).clamp(0, 1).cpu())
-    samples = torch.cat(chunks)  # (N, 1, 28, 28) in [0, 1]
+    result = {"step": step, "loss": last_loss, "train_time": time.time() - t0, "x0_mse": diffusion.x0_mse(ema_net, x_test, LEVELS)}
+    t0 = time.time()  # then sample 250 at a time, as ddpm.py: (N, 1, 28, 28) in [0, 1]
+    samples = torch.cat([((diffusion.sample(ema_net, x, cfg.sample_steps, cfg.clip) + 1) / 2).clamp(0, 1).cpu()
+                         for x in xT.split(250)])
     result["sample_time"] = time.time() - t0
-    np.savez_compressed(out / f"samples_{name}.npz", images=(samples * 255).round().byte().numpy())
+    np.savez_compressed(out / f"samples_{schedule}_{param}.npz", images=(samples * 255).round().byte().numpy())
     checkpoint()
+    print(f"{schedule}:{param}: x0-MSE at log-SNR {LEVELS}: {' '.join(f'{e:.4f}' for e in result['x0_mse'])}, mean "
+          f"{np.mean(result['x0_mse']):.4f}; {result['train_time']:.0f} s training, {result['sample_time']:.0f} s sampling")
     return result, samples[:10]
 
 
 def train(cfg):
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # (torch is seeded at the start of each run)
     device = pick_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -488,25 +423,10 @@ def train(cfg):
     x_train = load_mnist(cfg.data_dir, train=True)[0].to(device).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
     x_test = load_mnist(cfg.data_dir, train=False)[0][:cfg.test_images].to(device).float().div(127.5).sub(1).unsqueeze(1)
     xT = torch.randn((cfg.num_samples, 1, 28, 28), generator=torch.Generator().manual_seed(cfg.seed)).to(device)  # one x_T for all runs
-    print(f"T = {cfg.timesteps}; each run: {cfg.steps} steps of {cfg.batch_size}, then {cfg.num_samples} samples by DDIM "
-          f"(S = {cfg.sample_steps}, eta = 0); yardstick on {len(x_test)} test digits")
-
-    results, rows = {}, []
-    for run in cfg.runs.split(","):
-        results[run], first = fit(cfg, *run.split(":"), x_train, x_test, xT, device, out)
-        rows.append(first)
-    save_grid(torch.cat(rows), out / "samples.png", nrow=10)
-
-    levels = " / ".join(f"{level:g}" for level in LEVELS)
-    print(f"\n{'run':<12} {'final loss (own target)':>24}   x0-MSE at log-SNR {levels}   {'mean':>6} {'train s':>8} {'sample s':>9}")
-    for run, r in results.items():
-        param = run.split(":")[1]
-        errors = " ".join(f"{e:6.4f}" for e in r["x0_mse"])
-        print(f"{run:<12} {r['loss']:>12.4f} {param + '-MSE':>11}   {errors:<41} {np.mean(r['x0_mse']):6.4f} "
-              f"{r['train_time']:8.0f} {r['sample_time']:9.0f}")
-    print(f"wrote {out / 'schedules.svg'}, {out / 'samples.png'} (one row per run, the same x_T in each column) and "
-          f"samples_<schedule>_<param>.npz; score each with python 02_gans/metrics.py")
-    return results
+    runs = {run: fit(cfg, *run.split(":"), x_train, x_test, xT, device, out) for run in cfg.runs.split(",")}  # (figures, samples)
+    save_grid(torch.cat([first for _, first in runs.values()]), out / "samples.png", nrow=10)  # a row of 10 per run
+    print(f"wrote {out}: schedules.svg, samples.png, samples_<schedule>_<param>.npz (score each with python 02_gans/metrics.py)")
+    return {run: figures for run, (figures, _) in runs.items()}
 
 
 # --- Plumbing (shared helpers, identical in every script; see tests/test_plumbing.py) ---
@@ -664,8 +584,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    return train(cfg)
+    return train(parse_config(Config, argv))
 
 
 if __name__ == "__main__":
