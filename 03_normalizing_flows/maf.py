@@ -273,7 +273,7 @@ def bits_per_dim(log_prob_y, dim):
 def mnist_bits_per_dim(model, x, lam, seed=0, batch_size=1000):
     """Test bits/dim on uint8 digits x (N, 784), with fixed dequantization noise; log p(y) = log p(l) +
     log |det dl/dy| adds the logit transform's correction (README Eq. 3.15, 3.17)."""
-    generator = torch.Generator(x.device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise, and bits/dim, on every device
     total = 0.0
     for i in range(0, len(x), batch_size):
         l, logdet = logit_transform(dequantize(x[i:i + batch_size], generator), lam)
