@@ -13,13 +13,15 @@ the noise (Algorithm 1); sampling walks back from N(0, I), one network call per 
     L_simple = E_{t, x0, eps} || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2   (Eq. 2.13)
     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z   (Eq. 3.1)
 
-Run:   python 05_diffusion_models/ddpm.py                       (defaults sized for one GPU; not measured on a GPU)
+Run:   python 05_diffusion_models/ddpm.py                       (defaults sized for one GPU; see the measured H200 run below)
        python 05_diffusion_models/ddpm.py --sample-only --eval-nll   (test NLL bound in bits/dim)
 CPU recipe: python 05_diffusion_models/ddpm.py --steps 4100 --batch-size 64 --lr 1e-3 --channels 16 --attn-res= --num-res-blocks 1 --ema-decay 0.999 --log-every 500
 Measured on a 2-core CPU: 35 min 12 s (wall, whole command) = training 14 min 18 s (858 s; final L_simple 0.0247) + sampling
 1000 images x 1000 steps 20 min 50 s; FID 27.3 (N = 1000), 76.9 % confident, short of the 80 % target, every class >= 7.6 %;
 with --sample-only --eval-nll: test NLL bound 2.153 bits/dim on N = 100 test digits (L_0 1.014 of it) in 131 s. ddim.py samples the same
 checkpoint with 50 network calls per image instead of 1000.
+Measured on an NVIDIA H200 (--amp): the defaults trained 7490 of their 7500 steps in 352 s (13 to 21 steps/s on two machines),
+then 1000 samples in 67 s: FID 10.6 (N = 1000), 91.3 % confident, every class >= 7.3 %.
 Writes out/ddpm/: ckpt.pt (with "ema"), samples.png, samples.npz, trajectory.png, chain.svg (the README's chain figure).
 """
 
@@ -60,7 +62,7 @@ class Config:
     amp: bool = False  # bf16 autocast on CUDA (the network only; schedules, loss and sampler stay float32)
     data_dir: str = field(default_factory=lambda: os.environ.get("GENAI_DATA_DIR", "data"))  # folder holding mnist/ (falls back to $GENAI_DATA_DIR, then ./data)
     out_dir: str = "out/ddpm"  # checkpoint, samples and the trajectory strip go here
-    steps: int = 20000  # optimizer steps
+    steps: int = 7500  # optimizer steps (about 6 to 10 minutes on an H200 with --amp)
     batch_size: int = 128  # images per step
     lr: float = 2e-4  # Adam learning rate (Ho et al.: 2e-4 on CIFAR-10)
     channels: int = 64  # U-Net width at 28 x 28; level k has channels * mult[k]

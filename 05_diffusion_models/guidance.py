@@ -59,7 +59,7 @@ class Config:
     amp: bool = False  # bf16 autocast on CUDA (the networks only; schedule, losses, gradients and sampler stay float32)
     data_dir: str = field(default_factory=lambda: os.environ.get("GENAI_DATA_DIR", "data"))  # folder holding mnist/ (falls back to $GENAI_DATA_DIR, then ./data)
     out_dir: str = "out/guidance"  # checkpoint, samples and grid go here
-    steps: int = 20000  # optimizer steps of the conditional U-Net
+    steps: int = 7500  # optimizer steps of the conditional U-Net (ddpm.py's default)
     batch_size: int = 128  # images per step (for the U-Net and the classifier)
     lr: float = 2e-4  # Adam learning rate of the U-Net (Ho et al.: 2e-4 on CIFAR-10)
     channels: int = 64  # U-Net width at 28 x 28; level k has channels * mult[k]
@@ -101,9 +101,8 @@ class Config:
             (self.clf_steps >= 0 and self.eta >= 0, "--clf-steps >= 0 and --eta >= 0"),
             (self.guidance in ("cfg", "classifier") and math.isfinite(self.scale), "--guidance cfg or classifier, a finite --scale"),
             (all(re.fullmatch(numbers, s) for s in (self.clf_scales, self.cfg_scales)), "numbers >= 0 in --clf-scales, --cfg-scales")]
-        for ok, need in checks:
-            if not ok:
-                raise ValueError(f"need {need}")
+        if not all(ok for ok, _ in checks):
+            raise ValueError("need " + next(need for ok, need in checks if not ok))  # the first rule broken
 
 
 def ints(text):  # "1,2,2" -> (1, 2, 2); "" -> ()
@@ -230,8 +229,7 @@ class NoisyClassifier(nn.Module):
         self.head = nn.Sequential(norm(2 * c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, num_classes))
 
     def forward(self, x, t):  # (B, 1, 28, 28), (B,) steps in 0..T -> (B, num_classes) logits
-        emb = self.time_mlp(timestep_embedding(t, self.channels).to(x.dtype))  # (B, 4 * channels)
-        h = self.conv_in(x)
+        emb, h = self.time_mlp(timestep_embedding(t, self.channels).to(x.dtype)), self.conv_in(x)  # (B, 4 * C), (B, C, 28, 28)
         for layer in self.blocks:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return self.head(h)
@@ -275,27 +273,23 @@ def ddim_step(xt, eps, ab_t, ab_prev, eta, noise):
     return ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).sqrt() * eps + sigma * noise
 
 
-def drop_labels(y, p_uncond, num_classes):
-    """Label dropout (README Eq. 5.8): each label becomes the null label num_classes with probability p_uncond."""
+def drop_labels(y, p_uncond, num_classes):  # label dropout (README Eq. 5.8): y -> num_classes (null) with probability p_uncond
     return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, torch.full_like(y, num_classes), y)
 
 
-def cfg_eps(eps_cond, eps_uncond, w):
-    """Classifier-free guidance (README Eq. 5.7): w = 0 is the conditional model, w = -1 the unconditional one."""
+def cfg_eps(eps_cond, eps_uncond, w):  # classifier-free guidance (README Eq. 5.7); w = 0: conditional, w = -1: unconditional
     return (1 + w) * eps_cond - w * eps_uncond
 
 
 def classifier_grad(classifier, xt, t, y):
-    """grad_{x_t} log p_phi(y | x_t, t), (B, ...) like xt. Each sample's log p depends on its own x_t only, so the
-    gradient of their sum gives every sample its own gradient in one backward pass."""
+    """grad_{x_t} log p_phi(y | x_t, t), (B, ...) like xt: one backward pass of the sum, as sample i's log p needs x_t[i] only."""
     with torch.enable_grad():
         x = xt.detach().requires_grad_(True)
         log_p = F.log_softmax(classifier(x, t).to(x.dtype), dim=-1).gather(1, y[:, None])  # (B, 1)
         return torch.autograd.grad(log_p.sum(), x)[0]
 
 
-def sub_sequence(T, S):
-    """The S steps a sampler visits, from T down to 1 and evenly spaced, then 0 (where alpha_bar = 1)."""
+def sub_sequence(T, S):  # the S steps a sampler visits: T down to 1, evenly spaced, then 0 (where alpha_bar = 1)
     return torch.linspace(T, 1, S).round().long().tolist() + [0] if S > 1 else [T, 0]
 
 
@@ -308,20 +302,17 @@ class Guidance(nn.Module):
         self.T, self.num_classes = timesteps, num_classes
         self.register_buffer("betas", linear_betas(timesteps).float())  # float32 as in ddpm.py (MPS has no float64)
 
-    def loss(self, eps_model, x0, y, p_uncond):
-        """L_simple (section 2, Eq. 2.13) of the conditional model, labels dropped to null with probability p_uncond."""
+    def loss(self, eps_model, x0, y, p_uncond):  # L_simple (Eq. 2.13), each label dropped to null with probability p_uncond
         t, eps = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device), torch.randn_like(x0)
         xt = q_sample(x0, t, eps, self.betas)
         return (eps - eps_model(xt, t, drop_labels(y, p_uncond, self.num_classes)).to(eps.dtype)).pow(2).mean()
 
-    def classifier_loss(self, classifier, x0, y):
-        """Cross-entropy of p_phi(y | x_t, t) on x_t ~ q(x_t | x0) (Eq. 1.4), the noisy inputs it will guide; and the accuracy."""
+    def classifier_loss(self, classifier, x0, y):  # cross-entropy, accuracy of p_phi(y | x_t, t) on x_t ~ q(x_t | x0) (Eq. 1.4)
         t = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device)
         logits = classifier(q_sample(x0, t, torch.randn_like(x0), self.betas), t).float()
         return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
 
-    def eps(self, eps_model, classifier, xt, t, y, kind, scale):
-        """The guided eps at steps t (B,) for labels y (B,): kind "cfg", w = scale (Eq. 5.7); "classifier", s = scale (Eq. 5.4)."""
+    def eps(self, eps_model, classifier, xt, t, y, kind, scale):  # "cfg": w = scale (Eq. 5.7), "classifier": s = scale (Eq. 5.4)
         if kind == "cfg":
             eps_cond = eps_model(xt, t, y).to(xt.dtype)
             return eps_cond if scale == 0 else cfg_eps(eps_cond, eps_model(xt, t, None).to(xt.dtype), scale)
@@ -354,23 +345,18 @@ def ema_update(ema, model, decay):
 def train(cfg):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device, out = pick_device(cfg.device), Path(cfg.out_dir)
-    images, labels = load_mnist(cfg.data_dir, train=True)
+    device, out, (images, labels) = pick_device(cfg.device), Path(cfg.out_dir), load_mnist(cfg.data_dir, train=True)
     x_train, y_train = images.to(device).float().div(127.5).sub(1).unsqueeze(1), labels.to(device)  # (N, 1, 28, 28) in [-1, 1], (N,)
-
     model = UNet(1, cfg.channels, ints(cfg.channel_mult), ints(cfg.attn_res), 28, cfg.num_res_blocks, cfg.dropout, 10).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    classifier, guidance = NoisyClassifier(cfg.clf_channels).to(device), Guidance(cfg.timesteps).to(device)
-    nets = {"model": model, "ema": ema, "classifier": classifier}
+    ema, classifier = copy.deepcopy(model).requires_grad_(False), NoisyClassifier(cfg.clf_channels).to(device)
+    nets, guidance = {"model": model, "ema": ema, "classifier": classifier}, Guidance(cfg.timesteps).to(device)
     optimizers = {"model": torch.optim.Adam(model.parameters(), lr=cfg.lr),
                   "classifier": torch.optim.Adam(classifier.parameters(), lr=cfg.clf_lr)}
     step = 0
     if cfg.resume or cfg.sample_only:
         ckpt = load_checkpoint(out / "ckpt.pt", device)
-        for name, net in nets.items():
-            net.load_state_dict(ckpt[name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(ckpt["optimizer"][name])
+        for part, state in [(nets[n], ckpt[n]) for n in nets] + [(optimizers[n], ckpt["optimizer"][n]) for n in optimizers]:
+            part.load_state_dict(state)
         step = ckpt["step"]
     print(f"U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; classifier: "
           f"{sum(p.numel() for p in classifier.parameters()) / 1e6:.2f} M; T = {cfg.timesteps}, p_uncond = {cfg.p_uncond}")
@@ -381,8 +367,7 @@ def train(cfg):
                                           "config": asdict(cfg), "step": step})
 
     def amp(net):  # the network in bf16 autocast on CUDA when asked; the losses, gradients and sampler stay float32
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
-        return autocast(lambda *args: net(*args).float())
+        return torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda")(lambda *a: net(*a).float())
 
     def update(name, loss):  # one gradient step (norm clipped) for nets[name] after a finiteness check; returns the loss
         if not torch.isfinite(loss):
@@ -392,54 +377,47 @@ def train(cfg):
         nn.utils.clip_grad_norm_(nets[name].parameters(), cfg.grad_clip)
         optimizers[name].step()
         return loss.item()
-
     t0, total, last = time.time(), max(cfg.steps, cfg.clf_steps), {}
     running = {name: [] for name in ("L_simple", "classifier cross-entropy", "accuracy on noisy x_t")}
-    bar = tqdm(total=0 if cfg.sample_only else total, initial=step, desc="guidance")
-    try:
-        while step < total and not cfg.sample_only:
-            idx = torch.randint(len(x_train), (cfg.batch_size,), device=device)  # 1. a random batch of digits x0, labels y
-            x0, y = x_train[idx], y_train[idx]
-            if step < cfg.steps:  # 2. the conditional U-Net: L_simple with label dropout (Eq. 5.8), then the EMA follows
-                running["L_simple"].append(update("model", guidance.loss(amp(model), x0, y, cfg.p_uncond)))
-                ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-            if step < cfg.clf_steps:  # 3. the classifier on the same digits noised afresh at random t (Dhariwal and Nichol)
-                clf_loss, acc = guidance.classifier_loss(amp(classifier), x0, y)
-                running["classifier cross-entropy"].append(update("classifier", clf_loss))
-                running["accuracy on noisy x_t"].append(acc.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{running['L_simple'][-1] if running['L_simple'] else float('nan'):.4f}", refresh=False)
-            if step % cfg.log_every == 0 or step == total:
-                last = {name: float(np.mean(v)) for name, v in running.items() if v}
-                bar.write(f"step {step}: " + ", ".join(f"{name} {v:.4f}" for name, v in last.items()))
-                running = {name: [] for name in running}
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise SystemExit(f"interrupted at step {step}; checkpoint saved to {out / 'ckpt.pt'}")
-    bar.close()
+    with tqdm(total=0 if cfg.sample_only else total, initial=step, desc="guidance") as bar:
+        try:
+            while step < total and not cfg.sample_only:
+                idx = torch.randint(len(x_train), (cfg.batch_size,), device=device)  # 1. a random batch of digits x0, labels y
+                x0, y = x_train[idx], y_train[idx]
+                if step < cfg.steps:  # 2. the conditional U-Net: L_simple with label dropout (Eq. 5.8), then the EMA follows
+                    running["L_simple"].append(update("model", guidance.loss(amp(model), x0, y, cfg.p_uncond)))
+                    ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                if step < cfg.clf_steps:  # 3. the classifier on the same digits noised afresh at random t (Dhariwal and Nichol)
+                    clf_loss, acc = guidance.classifier_loss(amp(classifier), x0, y)
+                    running["classifier cross-entropy"].append(update("classifier", clf_loss))
+                    running["accuracy on noisy x_t"].append(acc.item())
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running['L_simple'][-1] if running['L_simple'] else float('nan'):.4f}", refresh=False)
+                if step % cfg.log_every == 0 or step == total:
+                    last, running = {name: float(np.mean(v)) for name, v in running.items() if v}, {name: [] for name in running}
+                    bar.write(f"step {step}: " + ", ".join(f"{name} {v:.4f}" for name, v in last.items()))
+                    checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            raise SystemExit(f"interrupted at step {step}; checkpoint saved to {out / 'ckpt.pt'}")
     results = {"step": step, "train_time": time.time() - t0, "loss": last.get("L_simple", float("nan")), "clf_accuracy": {}}
     if not cfg.sample_only:
         print(f"trained {step} steps in {results['train_time']:.0f} s")
         checkpoint()
 
-    # the classifier on noisy test digits (it only guides if it still sees the class through the noise), the same noise at each t
     classifier.eval().requires_grad_(False)  # frozen: no graph below; classifier_grad differentiates with respect to x_t only
-    images, labels = load_mnist(cfg.data_dir, train=False)
+    images, labels = load_mnist(cfg.data_dir, train=False)  # noisy test digits: it guides only if it sees the class through noise
     x_test, y_test = images[:2000].to(device).float().div(127.5).sub(1).unsqueeze(1), labels[:2000].to(device)
+    noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(0)).to(device)  # the same noise at each t
     for t in sorted({max(1, round(cfg.timesteps * f)) for f in (0.1, 0.25, 0.5, 0.75)}):
-        generator, correct = torch.Generator().manual_seed(0), 0
-        for x0, y in zip(x_test.split(500), y_test.split(500)):
-            tt = torch.full_like(y, t)
-            xt = q_sample(x0, tt, torch.randn(x0.shape, generator=generator).to(device), guidance.betas)
-            correct += (amp(classifier)(xt, tt).argmax(1) == y).sum().item()
-        results["clf_accuracy"][t] = correct / len(x_test)
+        xt = q_sample(x_test, torch.full_like(y_test, t), noise, guidance.betas)
+        logits = torch.cat([amp(classifier)(x, torch.full_like(y, t)) for x, y in zip(xt.split(500), y_test.split(500))])
+        results["clf_accuracy"][t] = (logits.argmax(1) == y_test).sum().item() / len(x_test)
     print(f"classifier accuracy on N = {len(x_test)} noisy test digits: "
           + ", ".join(f"t = {t}: {a:.3f}" for t, a in results["clf_accuracy"].items()))
 
-    # samples from the EMA weights: the same x_T and the same labels (0..9 in turn) for every setting
-    ema.eval()
+    ema.eval()  # samples from the EMA weights: the same x_T and the same labels (0..9 in turn) for every setting
     sweep = [("classifier", float(s)) for s in cfg.clf_scales.split(",")] + [("cfg", float(w)) for w in cfg.cfg_scales.split(",")]
     settings = sweep if cfg.sweep else []
     settings += [] if (cfg.guidance, cfg.scale) in settings else [(cfg.guidance, cfg.scale)]  # and the grid's setting
@@ -618,8 +596,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 def main(argv=None):
-    cfg = parse_config(Config, argv)
-    return train(cfg)
+    return train(parse_config(Config, argv))
 
 
 if __name__ == "__main__":
