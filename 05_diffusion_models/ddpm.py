@@ -20,7 +20,7 @@ Measured on a 2-core CPU: 35 min 12 s (wall, whole command) = training 14 min 18
 1000 images x 1000 steps 20 min 50 s; FID 27.3 (N = 1000), 76.9 % confident, short of the 80 % target, every class >= 7.6 %;
 with --sample-only --eval-nll: test NLL bound 2.153 bits/dim on N = 100 test digits (L_0 1.014 of it) in 131 s. ddim.py samples the same
 checkpoint with 50 network calls per image instead of 1000.
-Measured on an NVIDIA H200 (--amp): the defaults trained 7490 of their 7500 steps in 352 s (13 to 21 steps/s on two machines),
+Measured on an NVIDIA H200 (--amp): the defaults' first 7490 steps took 352 s to train (13 to 21 steps/s on two machines),
 then 1000 samples in 67 s: FID 10.6 (N = 1000), 91.3 % confident, every class >= 7.3 %.
 Writes out/ddpm/: ckpt.pt (with "ema"), samples.png, samples.npz, trajectory.png, chain.svg (the README's chain figure).
 """
