@@ -17,7 +17,8 @@ Model: the EMA weights of a ddpm.py checkpoint (--ckpt, default out/ddpm/ckpt.pt
 Run:   python 05_diffusion_models/ddim.py                  (S = 50, eta = 0 from ddpm.py's model; H200: 3.3 s, FID 14.1)
        python 05_diffusion_models/ddim.py --eta 1 --sample-steps 1000    (DDPM's sampler with sigma_t^2 = beta_tilde_t)
 CPU recipe: python 05_diffusion_models/ddim.py --sweep
-Measured on a 2-core CPU (after the ddpm.py CPU recipe, whose T = 1000 checkpoint it samples): 26 min 32 s (wall, whole command);
+Measured on a 2-core CPU on the checkpoint of ddpm.py's earlier float32 recipe (its flags without --amp, --steps 4100 --batch-size 64
+--lr 1e-3; T = 1000): 26 min 32 s (wall, whole command);
 1000 digits at S = 10, 20, 50, 100, 1000 in 12.9, 28.6, 68.9, 124.4, 1353.3 s, FID 71.9, 52.6, 46.8, 45.5, 44.6 (N = 1000; ddpm.py's
 own 1000-step samples: 27.3); inversion of 8 test digits at S = 50: reconstruction RMSE 8.29 (pixel values 0..255).
 Writes out/ddim/: samples.png, samples.npz (or samples_<S>.png/.npz for each S of --sweep), inversion.png (rows: test

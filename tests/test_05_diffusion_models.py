@@ -159,7 +159,7 @@ def test_ddpm_smoke_run(tiny_mnist, tmp_path):
     images = np.load(tmp_path / "samples.npz")["images"]
     assert images.shape == (6, 1, 28, 28) and images.dtype == np.uint8
     assert "ema" in torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert DDPM_SCRIPT.main(args + ["--steps", "3", "--resume"])["step"] == 3
+    assert DDPM_SCRIPT.main(args + ["--steps", "3", "--resume", "--amp"])["step"] == 3  # --amp: bf16 autocast on the CPU too
     result = DDPM_SCRIPT.main(args + ["--steps", "3", "--sample-only", "--eval-nll"])
     assert result["step"] == 3 and math.isfinite(result["nll_bpd"])
 
