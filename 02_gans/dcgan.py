@@ -58,7 +58,7 @@ from tqdm import tqdm
 class Config:
     seed: int = 0  # random seed (torch, numpy)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # bf16 autocast on CUDA or CPU
     data_dir: str = field(default_factory=lambda: os.environ.get("GENAI_DATA_DIR", "data"))  # folder holding mnist/ (falls back to $GENAI_DATA_DIR, then ./data)
     out_dir: str = "out/dcgan"  # checkpoint, samples and grids go here
     steps: int = 20000  # optimizer steps (each: one D update, then one G update)
@@ -239,7 +239,7 @@ def train(cfg):
         checkpoint()
 
     x_train = load_mnist(cfg.data_dir, train=True)[0].to(device)  # (N, 28, 28) uint8
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type in ("cuda", "cpu"))
     d_loss = g_loss = float("nan")
     t0 = time.time()
     bar = tqdm(total=0 if cfg.sample_only else cfg.steps, initial=step, desc="dcgan")

@@ -55,7 +55,7 @@ from tqdm import tqdm
 class Config:
     seed: int = 0  # random seed (torch, numpy)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    amp: bool = False  # bf16 autocast on CUDA (network only; losses, samplers and likelihoods stay float32)
+    amp: bool = False  # bf16 autocast in training on CUDA or CPU (network only; losses, samplers and likelihoods stay float32)
     data_dir: str = field(default_factory=lambda: os.environ.get("GENAI_DATA_DIR", "data"))  # folder holding mnist/ (falls back to $GENAI_DATA_DIR, then ./data)
     out_dir: str = "out/score_sde"  # checkpoint, samples and grids go here
     steps: int = 30000  # optimizer steps
@@ -379,7 +379,7 @@ def train(cfg):
             else:
                 x0 = toy_2d(cfg.dataset, cfg.batch_size).to(device)
             # 2. DSM at t ~ U[t_eps, 1] (README Eq. 3.10)
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type in ("cuda", "cpu")):
                 loss = model.loss(x0, cfg.likelihood_weighting)
             if not torch.isfinite(loss):
                 raise SystemExit(f"error: loss is {loss.item()} at step {step}; the last good checkpoint is {out / 'ckpt.pt'}")

@@ -472,7 +472,7 @@ def test_dcgan_smoke_resume_sample_only(tiny_mnist, tmp_path):
     assert images.dtype == np.uint8 and images.shape == (10, 1, 28, 28)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert set(ckpt) == {"model", "ema", "optimizer", "config", "step"} and set(ckpt["model"]) == {"G", "D"}
-    assert DCGAN_SCRIPT.main(args + ["--steps", "3", "--resume", "--lr-decay"])["step"] == 3
+    assert DCGAN_SCRIPT.main(args + ["--steps", "3", "--resume", "--lr-decay", "--amp"])["step"] == 3
     assert DCGAN_SCRIPT.main(args + ["--steps", "3", "--sample-only"])["step"] == 3
     with pytest.raises(SystemExit, match="--channels"):  # a checkpoint of another width
         DCGAN_SCRIPT.main(args[2:] + ["--channels", "6", "--sample-only"])
