@@ -164,6 +164,18 @@ def test_ddpm_smoke_run(tiny_mnist, tmp_path):
     assert result["step"] == 3 and math.isfinite(result["nll_bpd"])
 
 
+def test_ddpm_amp_engages_on_cpu(tiny_mnist, tmp_path):
+    """The CPU recipe relies on --amp: with it the same seed trains different (bf16-rounded) weights."""
+    args = ["--data-dir", str(tiny_mnist), "--device", "cpu", "--channels", "8", "--channel-mult", "1,2", "--attn-res=",
+            "--num-res-blocks", "1", "--timesteps", "25", "--batch-size", "8", "--num-samples", "2", "--steps", "2"]
+    weights = []
+    for amp in ([], ["--amp"]):
+        DDPM_SCRIPT.main(args + amp + ["--out-dir", str(tmp_path / str(len(amp)))])
+        weights.append(torch.load(tmp_path / str(len(amp)) / "ckpt.pt", weights_only=True)["model"])
+    assert all(v.dtype == torch.float32 for v in weights[1].values() if v.is_floating_point())  # float32 master weights
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.parametrize("flags", [["--timesteps", "10"], ["--sigma", "large"], ["--attn-res", "5"],
                                    ["--channel-mult", "1,2,2,2"], ["--ema-decay", "1"]])
 def test_ddpm_bad_input_exits_with_one_message(flags, capsys):
