@@ -461,6 +461,48 @@ def test_dcgan_losses_match_their_equations():
     assert model.g_loss(fake).item() == pytest.approx(-d_fake.log().mean().item(), rel=1e-5)
 
 
+def test_dcgan_rejection_with_the_exact_ratio_draws_from_the_data():
+    """Eq. 2.9 and 2.10: candidates from p_g = N(0, 1), logits a = log p_data - log p_g for p_data = N(0.5, 0.6^2)
+    (a bounded ratio, largest e^0.71 at x = 0.78). At accept = 0.1 the threshold b lies above every logit, so rejection
+    is exact: mean and std of the kept points match p_data within 4 standard errors. Keeping with probability
+    D = sigmoid(a) instead of exp(a - b) gives p_g D (mean 0.40, std 0.68 here), and fails."""
+    g = torch.Generator().manual_seed(0)
+    n, mu, s = 5000, 0.5, 0.6
+    x = torch.randn(80000, generator=g, dtype=torch.float64)
+    log_pd = -0.5 * ((x - mu) / s) ** 2 - math.log(s)  # both without the common -log sqrt(2 pi)
+    logits = log_pd + 0.5 * x ** 2
+    kept = DCGAN_SCRIPT.rejection_sample(x, logits, n, 0.1, generator=g)
+    assert kept.shape == (n,)
+    se_mean, se_std = s / n ** 0.5, s / (2 * n) ** 0.5
+    assert abs(kept.mean().item() - mu) < 4 * se_mean and abs(kept.std().item() - s) < 4 * se_std
+    assert logits.max() < math.log(1 / 0.1)  # every ratio below e^b with b well above: the exact case
+    with_d = x[torch.rand(len(x), generator=g, dtype=torch.float64) < torch.sigmoid(logits)][:n]
+    assert abs(with_d.std().item() - s) > 10 * se_std  # the probability is not the ratio
+    # a share accept of the candidates is kept on average, whatever the logits
+    shifted = DCGAN_SCRIPT.rejection_sample(x, 3 * logits - 7, 100, 0.3, generator=g)
+    assert shifted.shape == (100,)
+    with pytest.raises(RuntimeError, match="fewer than"):
+        DCGAN_SCRIPT.rejection_sample(x[:100], logits[:100], 90, 0.5, generator=g)
+
+
+def test_dcgan_rejection_sampling_keeps_d_and_returns_images():
+    """sample(accept < 1) returns n images in [0, 1], leaves D's stored batch-norm statistics and mode as
+    they were, and differs from plain sampling with the same seed."""
+    torch.manual_seed(0)
+    model = DCGAN_SCRIPT.DCGAN(latent_dim=16, channels=8, ema=0.9)
+    before = copy.deepcopy(model.D.state_dict())
+    model.D.eval()
+    torch.manual_seed(1)
+    chosen = model.sample(20, accept=0.25, d_batch=16)
+    torch.manual_seed(1)
+    plain = model.sample(20)
+    assert chosen.shape == (20, 1, 28, 28) and 0 <= chosen.min() and chosen.max() <= 1
+    assert not torch.equal(chosen, plain)
+    assert not model.D.training
+    for key, value in model.D.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_dcgan_smoke_resume_sample_only(tiny_mnist, tmp_path):
     args = ["--channels", "4", "--latent-dim", "8", "--batch-size", "8", "--device", "cpu", "--ema", "0.9",
             "--num-samples", "10", "--log-every", "1", "--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path)]
@@ -473,12 +515,14 @@ def test_dcgan_smoke_resume_sample_only(tiny_mnist, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert set(ckpt) == {"model", "ema", "optimizer", "config", "step"} and set(ckpt["model"]) == {"G", "D"}
     assert DCGAN_SCRIPT.main(args + ["--steps", "3", "--resume", "--lr-decay", "--amp"])["step"] == 3
-    assert DCGAN_SCRIPT.main(args + ["--steps", "3", "--sample-only"])["step"] == 3
+    assert DCGAN_SCRIPT.main(args + ["--steps", "3", "--sample-only", "--accept", "0.5"])["step"] == 3
+    assert np.load(tmp_path / "samples.npz")["images"].shape == (10, 1, 28, 28)
     with pytest.raises(SystemExit, match="--channels"):  # a checkpoint of another width
         DCGAN_SCRIPT.main(args[2:] + ["--channels", "6", "--sample-only"])
 
 
-@pytest.mark.parametrize("flags", [["--steps", "-1"], ["--channels", "0"], ["--ema", "1.0"], ["--beta1", "-0.1"]])
+@pytest.mark.parametrize("flags", [["--steps", "-1"], ["--channels", "0"], ["--ema", "1.0"], ["--beta1", "-0.1"],
+                                   ["--accept", "0"], ["--accept", "1.5"]])
 def test_dcgan_bad_input_exits(flags, capsys):
     with pytest.raises(SystemExit) as e:
         DCGAN_SCRIPT.main(flags)
