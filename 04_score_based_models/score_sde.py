@@ -19,7 +19,7 @@ probability-flow ODE, which has the same marginals and therefore gives exact log
 
 Run:   python 04_score_based_models/score_sde.py                  (defaults sized for one GPU, not measured on a GPU)
 CPU recipe: python 04_score_based_models/score_sde.py --amp --steps 5200 --batch-size 128 --lr 2e-3 --channels 16 --sample-steps 200 --time-grid quadratic --snr 0.05 --log-every 650
-Measured on a 2-core CPU with AVX-512 BF16 (--amp: bf16 autocast of the network in training and sampling): 12 min 58 s (wall, whole command: 661 s training, 114 s for 1000 PC samples, NFE = 399); FID 36.4 at N = 1000, 73.5 % confident > 0.9, smallest class 7.5 %: not yet recognizable digits; --channels 16 --sample-only --eval-nll: 1.660 bits/dim on N = 100 test digits (200 Heun steps geometric in t, NFE = 400, 36 s). Without bf16 instructions, time a few steps with and without --amp.
+Measured on a 2-core CPU with AVX-512 BF16 (--amp: bf16 autocast of the network in training and sampling): 17 min 24 s (wall, whole command: 852 s training, 189 s for 1000 PC samples, NFE = 399; this CPU ran slower that hour, README section 3); FID 28.0 at N = 1000, 79.2 % confident > 0.9, smallest class 7.7 %: not yet recognizable digits; --channels 16 --sample-only --eval-nll: 1.607 bits/dim on N = 100 test digits (200 Heun steps geometric in t, NFE = 400). Without bf16 instructions, time a few steps with and without --amp.
 Writes out/score_sde/: ckpt.pt, samples.png, samples.npz (--eval-nll prints bits/dim; 2-D data writes points).
 """
 
@@ -129,8 +129,9 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """A small U-Net on 28 x 28: levels of c, 2c, 2c channels at 28, 14, 7 pixels, one residual block per
-    level on the way down and up, skip connections by concatenation. It returns a (B, 1, 28, 28) tensor
+    """A small U-Net on 28 x 28: levels of c, 2c, 4c channels at 28, 14, 7 pixels, one residual block per
+    level on the way down and up, two at 7 x 7, skip connections by concatenation. The widest level is the
+    cheapest: 4c channels at 7 x 7 cost about what c channels cost at 28 x 28. It returns a (B, 1, 28, 28) tensor
     that ScoreSDE divides by std(t) (the output is then -z, the noise, at the optimum: README Eq. 3.10)."""
 
     def __init__(self, c=32):
@@ -139,9 +140,9 @@ class UNet(nn.Module):
         self.embed = nn.Sequential(TimeEmbedding(emb), nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.conv_in = nn.Conv2d(1, c, 3, padding=1)
         self.down1, self.down2 = ResBlock(c, c, emb), ResBlock(c, 2 * c, emb)
-        self.pool1, self.pool2 = nn.Conv2d(c, c, 3, 2, 1), nn.Conv2d(2 * c, 2 * c, 3, 2, 1)
-        self.mid1, self.mid2 = ResBlock(2 * c, 2 * c, emb), ResBlock(2 * c, 2 * c, emb)
-        self.up2, self.up1 = ResBlock(4 * c, c, emb), ResBlock(2 * c, c, emb)
+        self.pool1, self.pool2 = nn.Conv2d(c, c, 3, 2, 1), nn.Conv2d(2 * c, 4 * c, 3, 2, 1)
+        self.mid1, self.mid2 = ResBlock(4 * c, 4 * c, emb), ResBlock(4 * c, 4 * c, emb)
+        self.up2, self.up1 = ResBlock(6 * c, c, emb), ResBlock(2 * c, c, emb)
         self.norm_out, self.conv_out = nn.GroupNorm(8, c), nn.Conv2d(c, 1, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # start at output 0: the score starts at 0, the loss at E||z||^2
         nn.init.zeros_(self.conv_out.bias)
@@ -150,8 +151,8 @@ class UNet(nn.Module):
         emb = self.embed(t)
         h1 = self.down1(self.conv_in(x), emb)  # (B, c, 28, 28)
         h2 = self.down2(self.pool1(h1), emb)  # (B, 2c, 14, 14)
-        h = self.mid2(self.mid1(self.pool2(h2), emb), emb)  # (B, 2c, 7, 7)
-        h = F.interpolate(h, size=h2.shape[-2:], mode="nearest")  # (B, 2c, 14, 14)
+        h = self.mid2(self.mid1(self.pool2(h2), emb), emb)  # (B, 4c, 7, 7)
+        h = F.interpolate(h, size=h2.shape[-2:], mode="nearest")  # (B, 4c, 14, 14)
         h = self.up2(torch.cat([h, h2], 1), emb)  # (B, c, 14, 14)
         h = F.interpolate(h, scale_factor=2, mode="nearest")  # (B, c, 28, 28)
         h = self.up1(torch.cat([h, h1], 1), emb)  # (B, c, 28, 28)

@@ -549,8 +549,8 @@ def test_score_sde_bad_input_exits_with_one_message(argv, capsys):
     assert "error:" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-SLOW_SEEDS = (0.080, 0.110, 0.090)  # confident fractions of seeds 0, 1, 2 with SLOW_ARGS (short classifier, 200 samples)
-UNTRAINED = 0.000  # the same for --steps 0 (FID 951 against 720, 792, 700 for the seeds); THRESHOLD = 0.03
+SLOW_SEEDS = (0.115, 0.110, 0.090)  # confident fractions of seeds 0, 1, 2 with SLOW_ARGS (short classifier, 200 samples)
+UNTRAINED = 0.000  # the same for --steps 0 (FID 951 against 780, 726, 829 for the seeds); THRESHOLD = 0.04
 THRESHOLD = min(SLOW_SEEDS) - 0.05
 SLOW_ARGS = ["--steps", "400", "--batch-size", "64", "--lr", "2e-3", "--channels", "16", "--ema", "0.99",
              "--num-samples", "200", "--sample-steps", "30", "--snr", "0.01", "--device", "cpu"]
