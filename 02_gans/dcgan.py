@@ -213,7 +213,7 @@ class DCGAN(nn.Module):
 
 
 def rejection_sample(x, logits, n, accept, generator=None):
-    """Discriminator rejection sampling (Azadi et al. 2019, arXiv 1810.06758; README Eq. 2.9, 2.10).
+    """Discriminator rejection sampling (Azadi et al., ICLR 2019, arXiv 1810.06758; README Eq. 2.9 to 2.11).
     D's logit a(x) estimates log p_data(x) / p_g(x) (Eq. 1.3 at D*), so keeping each candidate x ~ p_g with
     probability min(1, exp(a(x) - b)) leaves samples from a density proportional to min(p_data, e^b p_g):
     p_data itself wherever the ratio stays below e^b. b is the threshold at which, on these candidates, the
