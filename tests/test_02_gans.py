@@ -478,9 +478,11 @@ def test_dcgan_rejection_with_the_exact_ratio_draws_from_the_data():
     assert logits.max() < math.log(1 / 0.1)  # every ratio below e^b with b well above: the exact case
     with_d = x[torch.rand(len(x), generator=g, dtype=torch.float64) < torch.sigmoid(logits)][:n]
     assert abs(with_d.std().item() - s) > 10 * se_std  # the probability is not the ratio
-    # a share accept of the candidates is kept on average, whatever the logits
-    shifted = DCGAN_SCRIPT.rejection_sample(x, 3 * logits - 7, 100, 0.3, generator=g)
-    assert shifted.shape == (100,)
+    # b is set so that a share `accept` of the candidates is kept, whatever the logits: of 80 000, about 24 000
+    # (binomial sd < 130), so asking for 23 000 succeeds and 25 000 fails
+    assert DCGAN_SCRIPT.rejection_sample(x, 3 * logits - 7, 23000, 0.3, generator=g).shape == (23000,)
+    with pytest.raises(RuntimeError, match="fewer than"):
+        DCGAN_SCRIPT.rejection_sample(x, 3 * logits - 7, 25000, 0.3, generator=g)
     with pytest.raises(RuntimeError, match="fewer than"):
         DCGAN_SCRIPT.rejection_sample(x[:100], logits[:100], 90, 0.5, generator=g)
 
