@@ -70,7 +70,7 @@ class Config:
     sigma_max: float = 50.0  # VE: about the largest distance between two data points
     t_eps: float = 1e-3  # smallest time: training draws t ~ U[t_eps, 1], samplers and likelihoods stop there
     likelihood_weighting: bool = False  # lambda(t) = g(t)^2 (a bound on the KL, README Eq. 3.11) instead of std(t)^2
-    channels: int = 32  # U-Net width at 28 x 28 (twice that at 14 x 14 and 7 x 7); MLP width / 4 for 2-D data
+    channels: int = 32  # U-Net width at 28 x 28 (twice that at 14 x 14, four times at 7 x 7); MLP width / 4 for 2-D data
     ema: float = 0.999  # decay of the exponential moving average of the weights used for sampling
     sampler: str = "pc"  # em (reverse-time Euler-Maruyama) | pc (predictor-corrector) | ode (probability flow, Heun)
     sample_steps: int = 500  # time steps of the sampler (pc adds one corrector step per step)
