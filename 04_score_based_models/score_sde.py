@@ -94,6 +94,8 @@ class Config:
             raise ValueError("need 0 < t-eps < 1, 0 < beta-min < beta-max and 0 < sigma-min < sigma-max")
         if min(self.channels, self.sample_steps, self.nll_num, self.nll_steps) < 1 or not 0 <= self.ema < 1 or self.snr < 0:
             raise ValueError("--channels, --sample-steps, --nll-num and --nll-steps must be positive, 0 <= --ema < 1, --snr >= 0")
+        if self.dataset == "mnist" and self.channels % 8:
+            raise ValueError(f"--channels must be a multiple of 8 for MNIST (GroupNorm's 8 groups), got {self.channels}")
 
 
 # --- Model ---

@@ -541,7 +541,8 @@ def test_score_sde_smoke_toy(tmp_path):
     assert points.shape == (10, 2) and points.dtype == np.float32 and np.isfinite(result["nll"])
 
 
-@pytest.mark.parametrize("argv", [["--sde", "ou"], ["--sampler", "rk4"], ["--time-grid", "cubic"], ["--t-eps", "0"], ["--steps", "-1"]])
+@pytest.mark.parametrize("argv", [["--sde", "ou"], ["--sampler", "rk4"], ["--time-grid", "cubic"], ["--t-eps", "0"], ["--steps", "-1"],
+                                  ["--channels", "12"]])
 def test_score_sde_bad_input_exits_with_one_message(argv, capsys):
     with pytest.raises(SystemExit) as info:
         SDE_SCRIPT.main(argv)
