@@ -18,8 +18,8 @@ probability-flow ODE, which has the same marginals and therefore gives exact log
     log p_0(x0) = log p_1(x1) + int_0^1 div f~(xt, t) dt,  div f~ ~ v^T (d f~ / dx) v  (Hutchinson)   (README Eq. 3.14, 3.16)
 
 Run:   python 04_score_based_models/score_sde.py                  (defaults sized for one GPU, not measured on a GPU)
-CPU recipe: python 04_score_based_models/score_sde.py --amp --steps 5200 --batch-size 128 --lr 2e-3 --channels 16 --sample-steps 200 --time-grid quadratic --snr 0.05 --log-every 650
-Measured on a 2-core CPU with AVX-512 BF16 (--amp: bf16 autocast of the network in training and sampling): 17 min 24 s (wall, whole command: 852 s training, 189 s for 1000 PC samples, NFE = 399; this CPU ran slower that hour, README section 3); FID 28.0 at N = 1000, 79.2 % confident > 0.9, smallest class 7.7 %: not yet recognizable digits; --channels 16 --sample-only --eval-nll: 1.607 bits/dim on N = 100 test digits (200 Heun steps geometric in t, NFE = 400). Without bf16 instructions, time a few steps with and without --amp.
+CPU recipe: python 04_score_based_models/score_sde.py --amp --steps 3800 --batch-size 128 --lr 2e-3 --sample-steps 200 --time-grid quadratic --snr 0.05 --log-every 500
+Measured on a 2-core CPU with AVX-512 BF16 (--amp: bf16 autocast of the network in training and sampling): 15 min 14 s (wall, whole command: 724 s training, 186 s for 1000 PC samples, NFE = 399; the same CPU ran up to a third slower in other hours, README section 3); FID 19.1 at N = 1000, 80.6 % confident > 0.9, smallest class 8.2 %: recognizable digits, 14 s over the module's 15-minute target; --sample-only --eval-nll: 2.237 bits/dim on N = 100 test digits (200 Heun steps geometric in t, NFE = 400). Without bf16 instructions, time a few steps with and without --amp.
 Writes out/score_sde/: ckpt.pt, samples.png, samples.npz (--eval-nll prints bits/dim; 2-D data writes points).
 """
 
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 
@@ -70,8 +70,8 @@ class Config:
     sigma_max: float = 50.0  # VE: about the largest distance between two data points
     t_eps: float = 1e-3  # smallest time: training draws t ~ U[t_eps, 1], samplers and likelihoods stop there
     likelihood_weighting: bool = False  # lambda(t) = g(t)^2 (a bound on the KL, README Eq. 3.11) instead of std(t)^2
-    channels: int = 32  # U-Net width at 28 x 28 (twice that at 14 x 14, four times at 7 x 7); MLP width / 4 for 2-D data
-    ema: float = 0.999  # decay of the exponential moving average of the weights used for sampling
+    channels: int = 32  # U-Net width at 14 x 14 (on 2 x 2 patches; twice that at 7 x 7), a multiple of 8; MLP width / 4 for 2-D data
+    ema: float = 0.999  # decay of the moving average of the weights used for sampling, after a warm-up: min(ema, (1 + n) / (10 + n)) at step n
     sampler: str = "pc"  # em (reverse-time Euler-Maruyama) | pc (predictor-corrector) | ode (probability flow, Heun)
     sample_steps: int = 500  # time steps of the sampler (pc adds one corrector step per step)
     time_grid: str = "uniform"  # uniform | quadratic: the sampler's times t_i = t_eps + (1 - t_eps)(1 - i/N)^p, p = 1 or 2
@@ -101,64 +101,79 @@ class Config:
 # --- Model ---
 
 
-class TimeEmbedding(nn.Module):
-    """Sinusoidal features of t (the Transformer's, as DDPM and the paper's VP models use them): [sin, cos](t w_k)
-    with w_k from 1000 down to 0.1 geometrically, so both fast and slow changes in t are easy to express."""
+def time_features(t, dim):  # (B,) -> (B, dim)
+    """Sinusoidal features of t (the Transformer's, as DDPM's): [sin, cos](t w_k) with w_k = 1000 / 10000^(k / (dim/2)),
+    DDPM's frequencies on its step 1000 t, so that fast and slow changes in t are both easy to express."""
+    angle = t[:, None] * (1000 * 1e-4 ** (torch.arange(dim // 2, device=t.device) / (dim // 2)))
+    return torch.cat([angle.sin(), angle.cos()], 1)
 
-    def __init__(self, dim):
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H * W positions, added back to the input."""
+
+    def __init__(self, c):
         super().__init__()
-        self.register_buffer("w", 1000 * 1e-4 ** (torch.arange(dim // 2) / (dim // 2 - 1)))  # fixed, not trained
+        self.norm, self.qkv, self.proj = nn.GroupNorm(8, c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
 
-    def forward(self, t):  # (B,) -> (B, dim)
-        angle = t[:, None] * self.w
-        return torch.cat([angle.sin(), angle.cos()], 1)
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)  # each (B, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, plus the time embedding as a per-channel bias, twice; a residual skip."""
+    """GroupNorm -> SiLU -> conv, plus the time embedding as a per-channel bias, GroupNorm -> SiLU -> conv, added
+    to the input (through a 1 x 1 conv when the width changes); optional self-attention after."""
 
-    def __init__(self, c_in, c_out, emb_dim):
+    def __init__(self, c_in, c_out, emb_dim, attention=False):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.time = nn.Linear(emb_dim, c_out)
         self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as its skip path
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = Attention(c_out) if attention else nn.Identity()
 
     def forward(self, x, emb):  # (B, c_in, H, W), (B, emb_dim) -> (B, c_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x))) + self.time(emb)[:, :, None, None]
+        h = self.conv1(F.silu(self.norm1(x))) + self.time(F.silu(emb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        return self.attn(self.skip(x) + h)
 
 
 class UNet(nn.Module):
-    """A small U-Net on 28 x 28: levels of c, 2c, 4c channels at 28, 14, 7 pixels, one residual block per
-    level on the way down and up, two at 7 x 7, skip connections by concatenation. The widest level is the
-    cheapest: 4c channels at 7 x 7 cost about what c channels cost at 28 x 28. It returns a (B, 1, 28, 28) tensor
-    that ScoreSDE divides by std(t) (the output is then -z, the noise, at the optimum: README Eq. 3.10)."""
+    """Module 05's U-Net on 2 x 2 patches: pixel_unshuffle makes the (B, 1, 28, 28) input (B, 4, 14, 14), so its levels
+    are c channels at 14 x 14 and 2c at 7 x 7 and no layer runs at 28 x 28 (README section 3, "Run it"). One residual
+    block per level down, two up, two in the middle with self-attention after the first; each down-path output
+    feeds one up block by concatenation. Returns (B, 1, 28, 28), which ScoreSDE divides by std(t) (Eq. 3.10)."""
 
     def __init__(self, c=32):
         super().__init__()
-        emb = 4 * c
-        self.embed = nn.Sequential(TimeEmbedding(emb), nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.conv_in = nn.Conv2d(1, c, 3, padding=1)
-        self.down1, self.down2 = ResBlock(c, c, emb), ResBlock(c, 2 * c, emb)
-        self.pool1, self.pool2 = nn.Conv2d(c, c, 3, 2, 1), nn.Conv2d(2 * c, 4 * c, 3, 2, 1)
-        self.mid1, self.mid2 = ResBlock(4 * c, 4 * c, emb), ResBlock(4 * c, 4 * c, emb)
-        self.up2, self.up1 = ResBlock(6 * c, c, emb), ResBlock(2 * c, c, emb)
-        self.norm_out, self.conv_out = nn.GroupNorm(8, c), nn.Conv2d(c, 1, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)  # start at output 0: the score starts at 0, the loss at E||z||^2
-        nn.init.zeros_(self.conv_out.bias)
+        self.c, emb = c, 4 * c
+        self.embed = nn.Sequential(nn.Linear(c, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.conv_in = nn.Conv2d(4, c, 3, padding=1)
+        self.down = nn.ModuleList([ResBlock(c, c, emb), nn.Conv2d(c, c, 3, 2, 1),  # 14 x 14, then down to 7 x 7
+                                   ResBlock(c, 2 * c, emb)])  # 7 x 7
+        self.mid = nn.ModuleList([ResBlock(2 * c, 2 * c, emb, attention=True), ResBlock(2 * c, 2 * c, emb)])
+        self.up = nn.ModuleList([ResBlock(4 * c, 2 * c, emb), ResBlock(3 * c, 2 * c, emb),  # 7 x 7, then up to 14 x 14
+                                 nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(2 * c, 2 * c, 3, padding=1)),
+                                 ResBlock(3 * c, c, emb), ResBlock(2 * c, c, emb)])  # 14 x 14
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 4, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # start at output 0: the score starts at 0, the loss at E||z||^2
+        nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t):  # (B, 1, 28, 28), (B,) -> (B, 1, 28, 28)
-        emb = self.embed(t)
-        h1 = self.down1(self.conv_in(x), emb)  # (B, c, 28, 28)
-        h2 = self.down2(self.pool1(h1), emb)  # (B, 2c, 14, 14)
-        h = self.mid2(self.mid1(self.pool2(h2), emb), emb)  # (B, 4c, 7, 7)
-        h = F.interpolate(h, size=h2.shape[-2:], mode="nearest")  # (B, 4c, 14, 14)
-        h = self.up2(torch.cat([h, h2], 1), emb)  # (B, c, 14, 14)
-        h = F.interpolate(h, scale_factor=2, mode="nearest")  # (B, c, 28, 28)
-        h = self.up1(torch.cat([h, h1], 1), emb)  # (B, c, 28, 28)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        emb = self.embed(time_features(t, self.c))  # (B, 4c)
+        h = self.conv_in(F.pixel_unshuffle(x, 2))  # (B, c, 14, 14): pixel (2i + a, 2j + b) is channel 2a + b at (i, j)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], 1), emb) if isinstance(layer, ResBlock) else layer(h)
+        return F.pixel_shuffle(self.out(h), 2)  # (B, 4, 14, 14) -> (B, 1, 28, 28)
 
 
 class ToyNet(nn.Module):
@@ -166,12 +181,11 @@ class ToyNet(nn.Module):
 
     def __init__(self, hidden=128):
         super().__init__()
-        self.embed = TimeEmbedding(32)
         self.net = nn.Sequential(nn.Linear(2 + 32, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, x, t):  # (B, 2), (B,) -> (B, 2)
-        return self.net(torch.cat([x, self.embed(t)], 1))
+        return self.net(torch.cat([x, time_features(t, 32)], 1))
 
 
 # --- The method ---
@@ -317,11 +331,6 @@ class ScoreSDE(nn.Module):
 # --- Training ---
 
 
-def build(cfg):
-    net = UNet(cfg.channels) if cfg.dataset == "mnist" else ToyNet(4 * cfg.channels)
-    return ScoreSDE(net, cfg.sde, cfg.beta_min, cfg.beta_max, cfg.sigma_min, cfg.sigma_max, cfg.t_eps)
-
-
 def to_model_range(x_uint8):
     """Dequantize (Eq. 3.13 of module 03) and map y in (0, 1) to the model's range x = 2 y - 1 (README Eq. 3.18)."""
     return 2 * dequantize(x_uint8).unsqueeze(1) - 1  # (B, 1, 28, 28) in (-1, 1)
@@ -357,7 +366,8 @@ def train(cfg):
     mnist = cfg.dataset == "mnist"
     x_train = load_mnist(cfg.data_dir, train=True)[0].to(device) if mnist else None  # (N, 28, 28) uint8
 
-    model = build(cfg).to(device)
+    net = UNet(cfg.channels) if mnist else ToyNet(4 * cfg.channels)
+    model = ScoreSDE(net, cfg.sde, cfg.beta_min, cfg.beta_max, cfg.sigma_min, cfg.sigma_max, cfg.t_eps).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # the weights we sample with
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step = 0
@@ -394,7 +404,7 @@ def train(cfg):
             optimizer.step()
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - cfg.ema)
+                    p_ema.lerp_(p, 1 - min(cfg.ema, (1 + step) / (10 + step)))  # with module 05's warm-up
             step += 1
             running += loss.item()
             bar.update(1)
@@ -431,20 +441,11 @@ def train(cfg):
         save_grid(images[:64].float() / 255, out / "samples.png", nrow=8)
         np.savez_compressed(out / "samples.npz", images=images.numpy())
     else:
-        save_scatter(x, out / "samples.png")
+        hist = torch.histogramdd(x, bins=[120, 120], range=[-4.5, 4.5, -4.5, 4.5]).hist  # the points as a 2-D histogram
+        save_grid(1 - (hist.T.flip(0) / 2).clamp(max=1)[None, None], out / "samples.png", nrow=1, scale=3)  # dark = dense
         np.savez_compressed(out / "samples.npz", points=x.numpy().astype(np.float32))
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'}")
     return results | {"nfe": nfe, "samples": x}
-
-
-def save_scatter(points, path, size=400, extent=4.5):
-    """2-D points as dots on a white square spanning [-extent, extent]^2, drawn with pillow."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    for px, py in ((points.cpu() + extent) / (2 * extent) * size).tolist():
-        draw.ellipse([px - 1.5, size - py - 1.5, px + 1.5, size - py + 1.5], fill=(37, 99, 235))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
 
 
 # --- Plumbing (shared helpers, identical in every script; see tests/test_plumbing.py) ---
