@@ -338,18 +338,15 @@ def to_model_range(x_uint8):
 
 def evaluate_nll(model, cfg, device):
     """Bits/dim of nll_num test digits (README Eq. 3.18), or nats per point for 2-D data, by Eq. 3.15."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    t0 = time.time()
-    if cfg.dataset == "mnist":
-        x = to_model_range(load_mnist(cfg.data_dir, train=False)[0][:cfg.nll_num]).to(device)
-        log_p, nfe = model.log_likelihood(x, cfg.nll_steps, generator=gen)
+    gen, t0, mnist = torch.Generator().manual_seed(cfg.seed + 1), time.time(), cfg.dataset == "mnist"
+    x = to_model_range(load_mnist(cfg.data_dir, train=False)[0][:cfg.nll_num]) if mnist else toy_2d(cfg.dataset, cfg.nll_num, gen)
+    log_p, nfe = model.log_likelihood(x.to(device), cfg.nll_steps, generator=gen)
+    if mnist:
         d = x[0].numel()
         bpd = bits_per_dim(log_p + d * math.log(2), d).mean().item()  # + D log 2: the Jacobian of y -> 2y - 1
         print(f"bits/dim {bpd:.3f} (upper bound on the discrete bits/dim) on N = {len(x)} test digits, "
               f"NFE = {nfe} (Heun, {cfg.nll_steps} steps, Hutchinson), {time.time() - t0:.0f} s")
         return {"bits_per_dim": bpd, "nll_nfe": nfe}
-    x = toy_2d(cfg.dataset, cfg.nll_num, gen).to(device)
-    log_p, nfe = model.log_likelihood(x, cfg.nll_steps, generator=gen)
     line = f"NLL {-log_p.mean().item():.3f} nats on N = {len(x)} points, NFE = {nfe}, {time.time() - t0:.0f} s"
     if cfg.dataset in ("8gaussians", "checkerboard"):
         line += f"; exact NLL of the data density {-toy_2d_log_prob(cfg.dataset, x.cpu()).mean().item():.3f}"
@@ -373,8 +370,11 @@ def train(cfg):
     step = 0
     if cfg.resume or cfg.sample_only:
         ckpt = load_checkpoint(out / "ckpt.pt", device)
-        for part, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer")):
-            part.load_state_dict(ckpt[key])
+        try:
+            for part, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer")):
+                part.load_state_dict(ckpt[key])
+        except RuntimeError:  # another --channels, or a checkpoint of an earlier version of this network
+            raise SystemExit(f"error: {out / 'ckpt.pt'} holds another network; pass the flags it was trained with (--channels {ckpt['config']['channels']}) or retrain")
         step = ckpt["step"]
 
     def checkpoint():

@@ -520,6 +520,17 @@ def test_score_sde_smoke_mnist(tiny_mnist, tmp_path, sampler):
     assert SDE_SCRIPT.main(args + ["--steps", "3", "--sample-only", "--time-grid", "quadratic"])["step"] == 3
 
 
+def test_score_sde_checkpoint_of_another_network_exits_with_one_message(tiny_mnist, tmp_path):
+    # --sample-only with other --channels (or a checkpoint of an earlier version of the network): one message
+    # that names the checkpoint's width, not a traceback of state_dict keys.
+    args = ["--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), "--device", "cpu", "--steps", "1",
+            "--batch-size", "4", "--num-samples", "2", "--sample-steps", "2"]
+    SDE_SCRIPT.main(args + ["--channels", "8"])
+    with pytest.raises(SystemExit) as info:
+        SDE_SCRIPT.main(args + ["--channels", "16", "--sample-only"])
+    assert str(info.value.code).startswith("error:") and "--channels 8" in str(info.value.code)
+
+
 def test_score_sde_amp_engages_on_cpu_in_training_and_sampling(tiny_mnist, tmp_path):
     # The CPU recipe relies on --amp in both phases: the same seed trains different (bf16-rounded) float32
     # weights, and the same checkpoint samples different values. Fails if either autocast is ignored on the CPU.
