@@ -144,8 +144,8 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """Module 05's U-Net on 2 x 2 patches: pixel_unshuffle makes the (B, 1, 28, 28) input (B, 4, 14, 14), so its levels
     are c channels at 14 x 14 and 2c at 7 x 7 and no layer runs at 28 x 28 (README section 3, "In the code"). One residual
-    block per level down, two up, two in the middle with self-attention after the first; each down-path output
-    feeds one up block by concatenation. Returns (B, 1, 28, 28), which ScoreSDE divides by std(t) (Eq. 3.10)."""
+    block per level down, two up, two in the middle with self-attention after the first; each down-path output feeds one up
+    block by concatenation; unlike module 05, the up-sampling halves the channels. Returns (B, 1, 28, 28), which ScoreSDE divides by std(t) (Eq. 3.10)."""
 
     def __init__(self, c=32):
         super().__init__()
