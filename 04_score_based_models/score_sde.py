@@ -19,7 +19,7 @@ probability-flow ODE, which has the same marginals and therefore gives exact log
 
 Run:   python 04_score_based_models/score_sde.py                  (defaults sized for one GPU, not measured on a GPU)
 CPU recipe: python 04_score_based_models/score_sde.py --amp --steps 3800 --batch-size 128 --lr 2e-3 --sample-steps 200 --time-grid quadratic --snr 0.05 --log-every 500
-Measured on a 2-core CPU with AVX-512 BF16 (--amp: bf16 autocast of the network in training and sampling): 13 min 35 s (wall, whole command: 653 s training, 158 s for 1000 PC samples, NFE = 399); FID 23.2 at N = 1000, 81.2 % confident > 0.9, smallest class 8.0 %: recognizable digits; with --seed 1: 14 min 19 s, 81.8 %, FID 17.1 (the CPU's speed drifts from hour to hour, README section 3); --sample-only --eval-nll: 2.213 bits/dim on N = 100 test digits (200 Heun steps geometric in t, NFE = 400). Without bf16 instructions, time a few steps with and without --amp.
+Measured on a 2-core CPU with AVX-512 BF16 (--amp: bf16 autocast of the network in training and sampling): 13 min 35 s (wall, whole command: 653 s training, 158 s for 1000 PC samples, NFE = 399); FID 23.2 at N = 1000, 81.2 % confident > 0.9, smallest class 8.0 %: recognizable digits; with --seed 1: 14 min 19 s, 81.8 %, FID 17.1; with --seed 2: 14 min 9 s, 77.2 %, below the bar (the CPU's speed drifts from hour to hour, README section 3); --sample-only --eval-nll: 2.213 bits/dim on N = 100 test digits (200 Heun steps geometric in t, NFE = 400). Without bf16 instructions, time a few steps with and without --amp.
 Writes out/score_sde/: ckpt.pt, samples.png, samples.npz (--eval-nll prints bits/dim; 2-D data writes points).
 """
 
